@@ -1,0 +1,153 @@
+"""`streaming_muloco.initialize`: `deepspeed.initialize` plus the outer loop.
+
+A DeepSpeed script changes by one import and one config section:
+
+    engine, optimizer, _, scheduler = streaming_muloco.initialize(model=model, config="ds.json")
+    for step in ...:
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()          # inner step; outer syncs run on schedule inside it
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, StreamingMuLoCoConfig, split_config
+from .inner import install_update_scale, muon_param_names, uses_muon
+from .metrics import MetricsLogger
+from .topology import Topology
+
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def launched_world_size() -> int:
+    """The world size the launcher announced, read before any process group exists."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    for var in _WORLD_SIZE_VARS:
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def resolve_config(config: dict | str | Path) -> tuple[dict, StreamingMuLoCoConfig, int, int]:
+    """Parse and validate everything that can be checked before process groups exist."""
+    if isinstance(config, (str, Path)):
+        from .config import load_config
+        ds_config, cfg = load_config(config)
+    else:
+        ds_config, cfg = split_config(config)
+    world = launched_world_size()
+    K, D = cfg.topology(world) if cfg.enabled else (1, world)
+    return ds_config, cfg, K, D
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Start torch.distributed with the accelerator's backend (gloo on CPU, NCCL on CUDA)."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = get_accelerator().communication_backend_name()
+    if backend == "ccl":  # DeepSpeed's CPU accelerator names oneCCL; gloo needs nothing extra
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class StreamingMuLoCoEngine:
+    """A DeepSpeed engine whose `step()` also runs the outer loop.
+
+    Everything not defined here is forwarded to the wrapped `deepspeed.DeepSpeedEngine`.
+    """
+
+    def __init__(self, engine: Any, cfg: StreamingMuLoCoConfig, topo: Topology, metrics: MetricsLogger) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.topo = topo
+        self.metrics = metrics
+        self.inner_steps = 0
+        self.outer = None
+        if cfg.enabled:
+            from .comm import make_backend
+            from .fragments import assign_fragments
+            from .outer_sync import OuterSync
+            from .zero_shard import ZeroShard
+
+            named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+            fragments = assign_fragments([n for n, _ in named], cfg.num_fragments, strategy=cfg.fragment_strategy)
+            shard = ZeroShard(engine.optimizer, named, fragments)
+            comm = make_backend(cfg.comm.backend, topo, cfg.comm.timeout_s)
+            self.fragments = fragments
+            self.outer = OuterSync(cfg, topo, shard, comm, metrics)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> Any:
+        return self.engine.backward(loss)
+
+    def step(self) -> None:
+        """One micro-step; at an accumulation boundary also one inner step and its outer syncs."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self.inner_steps += 1
+            if self.outer is not None:
+                self.outer.after_inner_step(self.inner_steps)
+
+    @property
+    def replica_id(self) -> int:
+        return self.topo.replica_id
+
+    @property
+    def shard_id(self) -> int:
+        return self.topo.shard_id
+
+    def muon_param_names(self) -> list[str]:
+        return muon_param_names(self.engine.module)
+
+
+def initialize(model: torch.nn.Module, config: dict | str | Path,
+               model_parameters: Iterable[Any] | None = None, metrics: MetricsLogger | None = None,
+               **ds_kwargs: Any) -> tuple[StreamingMuLoCoEngine, Any, Any, Any]:
+    """Like `deepspeed.initialize`, for a config that may hold a `streaming_muloco` section.
+
+    Returns (engine, optimizer, training_dataloader, lr_scheduler) as DeepSpeed does.
+    Config errors are raised before any process group is created.
+    """
+    ds_config, cfg, K, D = resolve_config(config)
+    import deepspeed
+
+    init_distributed(cfg.comm.timeout_s)
+    topo = Topology.build(K, D)
+    # Replicas must start from identical weights whatever each process's seed did. The model
+    # moves to the engine's device first, since NCCL cannot broadcast host tensors.
+    from deepspeed.accelerator import get_accelerator
+
+    model.to(get_accelerator().current_device_name())
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+    if uses_muon(ds_config):
+        install_update_scale(cfg.inner.muon_update_scale)
+    engine, optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
+        config=ds_config, mpu=topo.mpu(), **ds_kwargs)
+    wrapped = StreamingMuLoCoEngine(engine, cfg, topo, metrics or MetricsLogger())
+    wrapped.metrics.text("config/streaming_muloco", json.dumps(dataclasses.asdict(cfg)))
+    return wrapped, optimizer, loader, scheduler
+
+
+__all__ = ["initialize", "StreamingMuLoCoEngine", "ConfigError", "resolve_config"]

@@ -1,0 +1,159 @@
+"""The outer loop glued onto a DeepSpeed ZeRO engine: launch, wait, outer step, mix.
+
+Per fragment p and per rank (shard-wise, 1/D of the fragment each):
+    theta_g[p]   global params of the fragment, as of its last outer step
+    outer_opt[p] Nesterov-SGD momentum
+    ef[p]        error-feedback residual (when compressing)
+
+At the step where fragment p starts (DESIGN §1):
+    1. local = the fp32 master slice;  pseudo_grad = theta_g - local
+    2. compress (with error feedback) and launch the async collective over the outer group
+At the step where it finishes (sync_delay steps later; the same step when sync_delay = 0):
+    3. wait; mean pseudo_grad across replicas
+    4. theta_g <- OuterOpt(theta_g, mean)
+    5. local <- mix_alpha * local(now) + (1 - mix_alpha) * theta_g, written into ZeRO's masters
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .collectives import PseudoGradExchange
+from .config import StreamingMuLoCoConfig
+from .metrics import MetricsLogger
+from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
+from .schedule import FragmentSchedule
+from .topology import Topology
+from .zero_shard import ZeroShard
+
+log = logging.getLogger("streaming_muloco")
+
+
+class NonFiniteError(RuntimeError):
+    """A pseudo-gradient held NaN/inf and the policy is 'error'."""
+
+
+@dataclass
+class FragmentState:
+    theta_g: torch.Tensor
+    outer_opt: OuterNesterovSGD
+    in_flight: Any = None  # the exchange's handle between start and finish
+    started_at: float = 0.0
+    local_at_start: torch.Tensor | None = field(default=None, repr=False)
+
+
+class OuterSync:
+    """Runs the schedule's outer syncs after each inner optimizer step."""
+
+    def __init__(self, cfg: StreamingMuLoCoConfig, topo: Topology, shard: ZeroShard, comm: Any,
+                 metrics: MetricsLogger) -> None:
+        self.cfg = cfg
+        self.topo = topo
+        self.shard = shard
+        self.comm = comm
+        self.metrics = metrics
+        self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay)
+        self.exchange = PseudoGradExchange(cfg.compression, comm, num_fragments=cfg.num_fragments)
+        self.fragments = [
+            FragmentState(theta_g=shard.gather(p),
+                          outer_opt=OuterNesterovSGD(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov))
+            for p in range(cfg.num_fragments)
+        ]
+        self.outer_steps = 0
+        self.comm_exposed_s = 0.0  # time blocked in wait(): what overlap failed to hide
+        self.comm_launch_s = 0.0
+        self.comm_hidden_s = 0.0  # wall time between launch and wait, during which compute ran
+
+    def after_inner_step(self, step: int) -> None:
+        """Call once per optimizer step with the count of completed inner steps."""
+        touched = False
+        for p in self.schedule.finishes_at(step):  # finishes before starts: one fragment in flight
+            self._finish(p, step)
+            touched = True
+        for p in self.schedule.starts_at(step):
+            self._start(p, step)
+            if self.cfg.sync_delay == 0:
+                self._finish(p, step)
+                touched = True
+        if touched:
+            self.shard.refresh_module_params()
+
+    def _start(self, p: int, step: int) -> None:
+        frag = self.fragments[p]
+        t0 = time.perf_counter()
+        local = self.shard.gather(p)
+        delta = pseudo_grad(frag.theta_g, local)
+        if not bool(torch.isfinite(delta).all()):
+            if self.cfg.nonfinite_policy == "error":
+                raise NonFiniteError(f"replica {self.topo.replica_id} fragment {p}: the pseudo-gradient at step "
+                                     f"{step} holds NaN/inf (streaming_muloco.nonfinite_policy='error')")
+            log.warning("replica %d fragment %d step %d: NaN/inf pseudo-gradient; sending zeros this round",
+                        self.topo.replica_id, p, step)
+            delta = torch.zeros_like(delta)
+            self.metrics.scalar("outer/nonfinite_skipped", 1.0, step)
+        frag.in_flight = self.exchange.launch(p, delta)
+        frag.local_at_start = delta  # kept for the directional-quality metric
+        frag.started_at = time.perf_counter()
+        self.comm_launch_s += frag.started_at - t0
+
+    def _finish(self, p: int, step: int) -> None:
+        frag = self.fragments[p]
+        t0 = time.perf_counter()
+        self.comm_hidden_s += t0 - frag.started_at
+        mean = frag.in_flight.wait()
+        t1 = time.perf_counter()
+        self.comm_exposed_s += t1 - t0
+        own = frag.local_at_start
+        frag.in_flight, frag.local_at_start = None, None
+        frag.outer_opt.step(frag.theta_g, mean)
+        new_local = frag.theta_g if self.cfg.mix_alpha == 0.0 else mix(self.shard.gather(p), frag.theta_g,
+                                                                       self.cfg.mix_alpha)
+        self.shard.scatter(p, new_local)
+        self.outer_steps += 1
+        self._log_round(p, step, mean, own, exposed=t1 - t0, total=time.perf_counter() - t0)
+
+    def _log_round(self, p: int, step: int, mean: torch.Tensor, own: torch.Tensor, exposed: float,
+                   total: float) -> None:
+        """Pseudo-gradient norm and the replica's cosine to the mean (MuLoCo's quality measure).
+
+        Shards are summed over the replica (D ranks) so the numbers describe the whole fragment.
+        """
+        stats = torch.stack([mean.double().pow(2).sum(), own.double().pow(2).sum(),
+                             (mean.double() * own.double()).sum()]).to(mean.device)
+        if self.topo.ranks_per_replica > 1:
+            dist.all_reduce(stats, group=self.topo.replica_group)
+        mean_sq, own_sq, dot = stats.tolist()
+        cos = dot / math.sqrt(mean_sq * own_sq) if mean_sq > 0 and own_sq > 0 else 0.0
+        m = self.metrics
+        m.scalar("outer/steps", self.outer_steps, step)
+        m.scalar(f"outer/pseudo_grad_norm/fragment{p}", math.sqrt(mean_sq), step)
+        m.scalar(f"outer/replica_cosine_to_mean/fragment{p}", cos, step)
+        m.scalar("outer/sync_seconds", total, step)
+        m.scalar("comm/exposed_seconds", exposed, step)
+        m.scalar("comm/bytes_sent_total", self.comm.bytes_sent, step)
+        for tag, value in self.exchange.last_stats(p).items():
+            m.scalar(tag, value, step)
+
+    # ---- checkpoint state -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "outer_steps": self.outer_steps,
+            "theta_g": [f.theta_g.clone() for f in self.fragments],
+            "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],
+            "exchange": self.exchange.state_dict(),
+            "bytes_sent": self.comm.bytes_sent,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.outer_steps = state["outer_steps"]
+        for f, theta, opt in zip(self.fragments, state["theta_g"], state["outer_opt"]):
+            f.theta_g.copy_(theta)
+            f.outer_opt.load_state_dict(opt)
+        self.exchange.load_state_dict(state["exchange"])
+        self.comm.bytes_sent = state["bytes_sent"]

@@ -1,0 +1,233 @@
+"""Train the bundled LM with DeepSpeed, plain data parallel or with the streaming MuLoCo outer loop.
+
+Examples (run from the repository root; see README.md for the setup):
+
+    # 4 CPU ranks: K=2 replicas x D=2 ZeRO ranks, Muon inner, 2 fragments, overlap 1 step
+    mpirun -np 4 --oversubscribe python -m streaming_muloco.train \
+        --ds-config ds_configs/streaming_muloco_cpu.json --steps 300
+
+    # plain DeepSpeed data parallel with AdamW on 2 ranks
+    mpirun -np 2 python -m streaming_muloco.train --ds-config ds_configs/dp_adamw_cpu.json
+
+    # the deepspeed launcher on one host (CPU needs --num_accelerators)
+    deepspeed --num_accelerators 2 --module streaming_muloco.train --ds-config ds_configs/muloco_cpu.json
+
+Any key of the JSON can be overridden: `--set streaming_muloco.sync_every=10 --set optimizer.params.lr=0.01`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .data import DataError
+
+EVAL_STREAM = 1_000_003  # a data stream no training rank uses
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m streaming_muloco.train", description=__doc__.split("\n")[0])
+    p.add_argument("--ds-config", required=True, help="DeepSpeed JSON, optionally with a streaming_muloco section")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a config key by dotted path, e.g. streaming_muloco.sync_every=10")
+    p.add_argument("--model", default="tiny", help="model preset (tiny, small, gpt-125m, llama-1b, llama-7b)")
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--data", default="shakespeare", help="'shakespeare' (bundled), a .txt file, or a token file")
+    p.add_argument("--data-dtype", default="uint16", help="dtype of a token file: uint8, uint16 or uint32")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=300, help="inner optimizer steps")
+    p.add_argument("--eval-every", type=int, default=60)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--out-dir", default="runs/default", help="checkpoints and TensorBoard logs go here")
+    p.add_argument("--no-save", action="store_true", help="do not write checkpoints")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logs")
+    args = p.parse_args(argv)
+    for key in ("steps", "eval_every", "eval_batches", "log_every"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} ({getattr(args, key)}) must be >= 1")
+    if args.save_every < 0:
+        p.error(f"--save-every ({args.save_every}) must be >= 0")
+    return args
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=JSON` overrides; a non-JSON value is taken as a string."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a JSON object in the config")
+        node[parts[-1]] = value
+    return config
+
+
+def load_ds_config(args: argparse.Namespace) -> dict:
+    path = Path(args.ds_config)
+    if not path.is_file():
+        raise ConfigError(f"--ds-config '{path}' does not exist; see ds_configs/ for working examples")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds-config '{path}' is not valid JSON: {e}") from None
+    config = apply_overrides(config, args.set)
+    # "auto" lets one JSON serve any --steps: the schedule length is the run's length.
+    sched = config.get("scheduler") or {}
+    params = sched.get("params") if isinstance(sched, dict) else None
+    if isinstance(params, dict) and params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = args.steps
+    return config
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build everything, train, evaluate; returns the final metrics (rank 0's view)."""
+    ds_config = load_ds_config(args)
+    # Everything checkable is checked before process groups exist: config, model, data.
+    from .engine import resolve_config
+
+    resolve_config(ds_config)
+    import torch
+
+    from .data import TokenSplits, get_batch, load_tokens
+    from .model import build_model
+
+    overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head),
+                                   ("block_size", args.block_size)) if v is not None}
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(args.model, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    block = model.cfg.block_size
+    splits = TokenSplits.from_tokens(load_tokens(args.data, args.data_dtype, model.cfg.vocab_size),
+                                     args.val_fraction, block)
+
+    if not args.verbose:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+    import torch.distributed as dist
+
+    from . import initialize
+    from .metrics import make_logger, tensorboard_dir
+
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    metrics = make_logger(tensorboard_dir(ds_config, os.path.join(args.out_dir, "tb")), rank == 0)
+    engine, _, _, _ = initialize(model=model, config=ds_config, metrics=metrics)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    micro = engine.train_micro_batch_size_per_gpu()
+    accum = engine.gradient_accumulation_steps()
+    device = engine.device
+    tokens_per_step = micro * accum * block * world
+
+    def evaluate() -> float:
+        engine.eval()
+        with torch.no_grad():
+            losses = [engine(*get_batch(splits.val, micro, block, args.seed, EVAL_STREAM, i, device)).float()
+                      for i in range(rank, args.eval_batches * world, world)]
+        engine.train()
+        total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)), device=device)])
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    if rank == 0:
+        mode = (f"K={engine.topo.num_replicas} x D={engine.topo.ranks_per_replica}, H={engine.cfg.sync_every}, "
+                f"P={engine.cfg.num_fragments}, tau={engine.cfg.sync_delay}" if engine.cfg.enabled
+                else f"data parallel over {world} ranks")
+        print(f"[streaming_muloco] model {args.model}: {model.num_params():,} params | {mode} | "
+              f"{tokens_per_step} tokens/step | logs: {metrics.log_dir}", flush=True)
+    history: dict[str, Any] = {"train_loss": [], "eval_loss": []}
+    t_start = t_log = time.perf_counter()
+    loss_acc, loss_n = 0.0, 0
+    for step in range(1, args.steps + 1):
+        for micro_step in range(accum):
+            x, y = get_batch(splits.train, micro, block, args.seed, rank, (step - 1) * accum + micro_step, device)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            loss_acc += loss.item()
+            loss_n += 1
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.perf_counter()
+            train_loss = loss_acc / loss_n
+            tok_s = tokens_per_step * (args.log_every if step % args.log_every == 0 else step % args.log_every) \
+                / max(now - t_log, 1e-9)
+            eta = (now - t_start) / step * (args.steps - step)
+            history["train_loss"].append((step, train_loss))
+            metrics.scalars({"train/loss": train_loss, "train/tokens_per_s": tok_s,
+                             "train/tokens": step * tokens_per_step}, step)
+            if rank == 0:
+                print(f"step {step:>6}/{args.steps} | loss {train_loss:.4f} | {tok_s:,.0f} tok/s | "
+                      f"ETA {fmt_time(eta)}", flush=True)
+            loss_acc, loss_n, t_log = 0.0, 0, now
+        if step % args.eval_every == 0 or step == args.steps:
+            val = evaluate()
+            history["eval_loss"].append((step, val))
+            metrics.scalar("eval/loss", val, step)
+            metrics.flush()
+            if rank == 0:
+                print(f"step {step:>6}/{args.steps} | eval loss {val:.4f} | tokens {step * tokens_per_step:,}",
+                      flush=True)
+        if not args.no_save and args.save_every and step % args.save_every == 0 and step != args.steps:
+            save(engine, args.out_dir, step)
+    if not args.no_save:
+        save(engine, args.out_dir, args.steps)
+    elapsed = time.perf_counter() - t_start
+    result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
+              "tokens": args.steps * tokens_per_step, "history": history,
+              "outer_steps": engine.outer.outer_steps if engine.outer else 0}
+    if rank == 0:
+        print(f"[streaming_muloco] done: {args.steps} steps in {fmt_time(elapsed)}, final eval loss "
+              f"{result['final_eval_loss']:.4f}", flush=True)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.out_dir, "result.json").write_text(json.dumps(result, indent=1))
+    metrics.close()
+    return result
+
+
+def save(engine: Any, out_dir: str, step: int) -> None:
+    """One checkpoint directory per replica: each replica is its own DeepSpeed DP group."""
+    ckpt = os.path.join(out_dir, "checkpoints", f"replica{engine.replica_id}")
+    engine.save_checkpoint(ckpt, tag=f"step{step}", client_state={"inner_steps": engine.inner_steps})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, DataError) as e:
+        # One line, from one rank, no traceback: these are the user's to fix.
+        rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
