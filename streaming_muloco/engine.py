@@ -101,6 +101,8 @@ class StreamingMuLoCoEngine:
     def step(self) -> None:
         """One micro-step; at an accumulation boundary also one inner step and its outer syncs."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.outer is not None:
+            self.outer.poke()
         self.engine.step()
         if boundary:
             self.inner_steps += 1

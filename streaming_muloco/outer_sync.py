@@ -72,17 +72,37 @@ class OuterSync:
 
     def after_inner_step(self, step: int) -> None:
         """Call once per optimizer step with the count of completed inner steps."""
-        touched = False
-        for p in self.schedule.finishes_at(step):  # finishes before starts: one fragment in flight
-            self._finish(p, step)
-            touched = True
-        for p in self.schedule.starts_at(step):
-            self._start(p, step)
-            if self.cfg.sync_delay == 0:
-                self._finish(p, step)
-                touched = True
+        touched = self.finish_due(step)
+        self.start_due(step)
+        touched = self.finish_started(step) or touched
         if touched:
             self.shard.refresh_module_params()
+
+    def poke(self) -> None:
+        """Let in-flight collectives progress (MPI moves bytes only inside MPI calls)."""
+        for frag in self.fragments:
+            if frag.in_flight is not None:
+                frag.in_flight.poke()
+
+    # The three phases are public so a single-process simulator can run each phase for all K
+    # replicas before the next (a real collective needs every replica to have launched).
+    def finish_due(self, step: int) -> bool:
+        """Finish fragments launched sync_delay steps ago (before any start: one in flight)."""
+        due = self.schedule.finishes_at(step) if self.cfg.sync_delay > 0 else []
+        for p in due:
+            self._finish(p, step)
+        return bool(due)
+
+    def start_due(self, step: int) -> None:
+        for p in self.schedule.starts_at(step):
+            self._start(p, step)
+
+    def finish_started(self, step: int) -> bool:
+        """With sync_delay = 0 a fragment finishes at the step it starts."""
+        due = self.schedule.starts_at(step) if self.cfg.sync_delay == 0 else []
+        for p in due:
+            self._finish(p, step)
+        return bool(due)
 
     def _start(self, p: int, step: int) -> None:
         frag = self.fragments[p]

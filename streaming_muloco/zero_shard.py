@@ -39,6 +39,7 @@ class ZeroShard:
         self.numels = [sum(v.numel() for v in views) for views in self.views]
         self.device = ds_optimizer.single_partition_of_fp32_groups[0].device
 
+    @torch.no_grad()
     def gather(self, fragment_id: int) -> torch.Tensor:
         """A fresh flat fp32 copy of this rank's slice of the fragment."""
         views = self.views[fragment_id]
@@ -46,6 +47,7 @@ class ZeroShard:
             return torch.empty(0, dtype=torch.float32, device=self.device)
         return torch.cat(views)
 
+    @torch.no_grad()
     def scatter(self, fragment_id: int, flat: torch.Tensor) -> None:
         """Write a flat vector back into the fp32 master partition (no module refresh yet)."""
         offset = 0

@@ -1,0 +1,118 @@
+"""When each fragment starts and finishes its outer sync (Streaming DiLoCo, DESIGN §1).
+
+Conventions, shared by every caller:
+- `step` counts COMPLETED inner steps: after the first inner step, step == 1. Step 0 is
+  "before training" and nothing happens there.
+- Fragment p has offset t_p = (p * H) // P and STARTS its outer sync after inner step t when
+  t > 0 and (t - t_p) % H == 0. So every fragment syncs once every H steps, and the P starts
+  are spread evenly over the round: peak traffic is about 1/P of DiLoCo's.
+- It FINISHES (wait, outer step, mix) after inner step t + τ. With τ = 0 it finishes at the
+  very step it starts: start it, then finish it.
+- τ < H/P guarantees that a fragment finishes no later than the step the next one starts, so
+  at most one fragment is in flight between steps. When a finish and a start fall on the same
+  step, the caller processes `finishes_at(step)` FIRST, then `starts_at(step)`.
+- Fragment ids are returned in ascending order. Every replica must launch collectives in the
+  same order or they deadlock, so never reorder them.
+
+Example, H=4, P=2, τ=1 (offsets 0 and 2):
+
+    step  1  2    3    4    5    6    7    8
+    start -  [1]  -    [0]  -    [1]  -    [0]
+    finish-  -    [1]  -    [0]  -    [1]  -
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import SECTION, ConfigError
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{SECTION}.{name} ({value!r}) must be an integer")
+
+
+@dataclass(frozen=True)
+class FragmentSchedule:
+    """The outer-sync timetable of P fragments, each synced every H steps with τ steps of overlap.
+
+    Args:
+        sync_every: H, inner steps between two syncs of the same fragment.
+        num_fragments: P, the number of fragments; P = 1 is plain DiLoCo.
+        sync_delay: τ, inner steps a fragment's collective overlaps with compute.
+    """
+
+    sync_every: int
+    num_fragments: int = 1
+    sync_delay: int = 0
+
+    def __post_init__(self) -> None:
+        H, P, tau = self.sync_every, self.num_fragments, self.sync_delay
+        for name, value in (("sync_every", H), ("num_fragments", P), ("sync_delay", tau)):
+            _check_int(name, value)
+        if H < 1:
+            raise ConfigError(f"{SECTION}.sync_every ({H}) must be >= 1 inner step")
+        if P < 1:
+            raise ConfigError(f"{SECTION}.num_fragments ({P}) must be >= 1; use 1 for plain DiLoCo")
+        if P > H:
+            raise ConfigError(f"{SECTION}.num_fragments ({P}) must be <= sync_every ({H}): each fragment needs "
+                              f"its own start step; lower num_fragments or raise sync_every")
+        if tau < 0:
+            raise ConfigError(f"{SECTION}.sync_delay ({tau}) must be >= 0; use 0 for no overlap")
+        if tau >= H / P:
+            raise ConfigError(f"{SECTION}.sync_delay ({tau}) must be < sync_every/num_fragments ({H / P:g}): a "
+                              f"fragment must finish before the next one starts; lower sync_delay or num_fragments")
+
+    def offset(self, fragment_id: int) -> int:
+        """t_p = (p * H) // P: the step (mod H) at which fragment p starts its sync."""
+        self._check_fragment(fragment_id)
+        return (fragment_id * self.sync_every) // self.num_fragments
+
+    def starts_at(self, step: int) -> list[int]:
+        """Fragments whose outer sync starts after inner step `step`, ascending."""
+        self._check_step(step)
+        if step == 0:
+            return []
+        return [p for p in range(self.num_fragments)
+                if step >= self.offset(p) and (step - self.offset(p)) % self.sync_every == 0]
+
+    def finishes_at(self, step: int) -> list[int]:
+        """Fragments whose outer sync finishes after inner step `step` (started τ steps earlier)."""
+        self._check_step(step)
+        start = step - self.sync_delay
+        return self.starts_at(start) if start > 0 else []
+
+    def in_flight_after(self, step: int) -> list[int]:
+        """Fragments launched but not yet finished once `step` is fully processed.
+
+        A checkpoint taken between steps must save (or drain) exactly these. Always empty
+        when τ = 0; at most one fragment otherwise.
+        """
+        self._check_step(step)
+        started = range(max(1, step - self.sync_delay + 1), step + 1)
+        return sorted(p for s in started for p in self.starts_at(s))
+
+    def next_start(self, fragment_id: int, step: int) -> int:
+        """The first step strictly after `step` at which `fragment_id` starts its sync."""
+        self._check_step(step)
+        t_p, H = self.offset(fragment_id), self.sync_every
+        k = max(0, (step - t_p) // H + 1)
+        return t_p + H * k if t_p + H * k > 0 else H
+
+    def table(self, steps: int) -> list[tuple[int, list[int], list[int]]]:
+        """Rows (step, starts, finishes) for steps 1..steps, for logs and docs.
+
+        Within a step, finishes are processed before starts (except with τ = 0, where a
+        fragment starts and then finishes at the same step).
+        """
+        self._check_step(steps)
+        return [(t, self.starts_at(t), self.finishes_at(t)) for t in range(1, steps + 1)]
+
+    def _check_fragment(self, fragment_id: int) -> None:
+        if not 0 <= fragment_id < self.num_fragments:
+            raise ValueError(f"fragment_id ({fragment_id}) must be in [0, {self.num_fragments})")
+
+    @staticmethod
+    def _check_step(step: int) -> None:
+        if step < 0:
+            raise ValueError(f"step ({step}) counts completed inner steps and must be >= 0")

@@ -1,0 +1,94 @@
+"""The outer step: pseudo-gradient sign, Nesterov SGD against torch, and the mix."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streaming_muloco.outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
+
+
+@pytest.mark.parametrize("lr,momentum,nesterov", [(0.7, 0.9, True), (0.4, 0.6, True), (0.9, 0.8, False),
+                                                  (0.5, 0.0, False)])
+def test_matches_torch_sgd_over_several_steps(lr: float, momentum: float, nesterov: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(37, generator=g)
+    deltas = [torch.randn(37, generator=g) for _ in range(5)]
+
+    ref = torch.nn.Parameter(theta0.clone())
+    sgd = torch.optim.SGD([ref], lr=lr, momentum=momentum, nesterov=nesterov)
+    ours = theta0.clone()
+    opt = OuterNesterovSGD(lr, momentum, nesterov)
+    for d in deltas:
+        ref.grad = d.clone()
+        sgd.step()
+        opt.step(ours, d)
+        torch.testing.assert_close(ours, ref.detach(), rtol=0, atol=0)
+
+
+def test_pseudo_grad_sign_moves_global_towards_local() -> None:
+    theta_g = torch.zeros(4)
+    local = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    delta = pseudo_grad(theta_g, local)
+    torch.testing.assert_close(delta, theta_g - local)
+    OuterNesterovSGD(lr=0.5, momentum=0.0).step(theta_g, delta)
+    torch.testing.assert_close(theta_g, 0.5 * local)
+
+
+def test_lr_one_no_momentum_lands_exactly_on_the_local_params() -> None:
+    """Exact for representable values; within rounding of θ_g − (θ_g − θ_local) in general."""
+    theta_g, local = torch.tensor([4.0, -1.5, 0.25, 8.0]), torch.tensor([1.0, 2.5, -0.75, 8.0])
+    OuterNesterovSGD(lr=1.0, momentum=0.0).step(theta_g, pseudo_grad(theta_g, local))
+    assert torch.equal(theta_g, local)
+
+    g = torch.Generator().manual_seed(1)
+    theta_g, local = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    OuterNesterovSGD(lr=1.0, momentum=0.0).step(theta_g, pseudo_grad(theta_g, local))
+    torch.testing.assert_close(theta_g, local, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,expected", [(0.0, [10.0, 20.0]), (0.5, [5.5, 11.0]), (1.0, [1.0, 2.0])])
+def test_mix_keeps_alpha_of_the_local_progress(alpha: float, expected: list[float]) -> None:
+    local_now, outer = torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0])
+    out = mix(local_now, outer, alpha)
+    torch.testing.assert_close(out, torch.tensor(expected))
+    torch.testing.assert_close(out, alpha * local_now + (1 - alpha) * outer)
+    assert out.data_ptr() not in (local_now.data_ptr(), outer.data_ptr())
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    g = torch.Generator().manual_seed(2)
+    deltas = [torch.randn(8, generator=g) for _ in range(4)]
+    a, theta_a = OuterNesterovSGD(0.7, 0.9), torch.zeros(8)
+    for d in deltas[:2]:
+        a.step(theta_a, d)
+    b, theta_b = OuterNesterovSGD(0.7, 0.9), theta_a.clone()
+    b.load_state_dict(a.state_dict())
+    assert b.steps == 2
+    for d in deltas[2:]:
+        a.step(theta_a, d)
+        b.step(theta_b, d)
+    assert torch.equal(theta_a, theta_b)
+
+
+def test_state_dict_does_not_alias_the_buffer() -> None:
+    opt = OuterNesterovSGD(0.7, 0.9)
+    opt.step(torch.zeros(3), torch.ones(3))
+    state = opt.state_dict()
+    opt.step(torch.zeros(3), torch.ones(3))
+    assert torch.equal(state["momentum_buffer"], torch.ones(3))
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(lr=0.0), "streaming_muloco.outer_lr"),
+    (dict(lr=float("nan")), "streaming_muloco.outer_lr"),
+    (dict(momentum=1.0), "streaming_muloco.outer_momentum"),
+    (dict(momentum=-0.1), "streaming_muloco.outer_momentum"),
+])
+def test_bad_hyperparameters_name_the_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        OuterNesterovSGD(**kwargs)
+
+
+def test_mix_rejects_alpha_outside_unit_interval() -> None:
+    with pytest.raises(ValueError, match=r"streaming_muloco\.mix_alpha"):
+        mix(torch.zeros(1), torch.zeros(1), 1.5)

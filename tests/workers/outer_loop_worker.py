@@ -1,0 +1,48 @@
+"""One rank of a multi-rank outer-loop test: run scenarios, dump parameters after outer syncs.
+
+    python tests/workers/outer_loop_worker.py SCENARIOS.json OUT_DIR
+
+Each scenario is {"name", "ds_config", "steps", "seed", "micro"}. For every scenario this rank
+writes OUT_DIR/<name>.rank<r>.pt holding the full module parameters after every inner step.
+Runs several scenarios in one process group so the test pays process start-up once.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import streaming_muloco
+from streaming_muloco.data import get_batch, load_tokens
+from streaming_muloco.model import build_model
+
+BLOCK = 32
+
+
+def main() -> None:
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    tokens = load_tokens(None)[:200_000]
+    for sc in scenarios:
+        torch.manual_seed(sc["seed"])
+        model = build_model("tiny", block_size=BLOCK, n_embd=32, n_head=2)
+        engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"])
+        rank = dist.get_rank()
+        snapshots = []
+        for step in range(1, sc["steps"] + 1):
+            x, y = get_batch(tokens, sc["micro"], BLOCK, sc["seed"], rank, step - 1)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            snapshots.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
+        info = {"muon": engine.muon_param_names(), "replica": engine.replica_id, "shard": engine.shard_id,
+                "outer_steps": engine.outer.outer_steps if engine.outer else 0,
+                "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0}
+        torch.save({"snapshots": snapshots, "info": info}, out / f"{sc['name']}.rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
