@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.verbose:
         from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(logging.WARNING)
+        ds_logger.setLevel(logging.ERROR)
     import torch.distributed as dist
 
     from . import initialize
@@ -212,8 +212,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def save(engine: Any, out_dir: str, step: int) -> None:
     """One checkpoint directory per replica: each replica is its own DeepSpeed DP group."""
+    import torch
+
     ckpt = os.path.join(out_dir, "checkpoints", f"replica{engine.replica_id}")
     engine.save_checkpoint(ckpt, tag=f"step{step}", client_state={"inner_steps": engine.inner_steps})
+    if engine.outer is not None:  # outer state is per rank (shard-wise), so one file per rank
+        torch.save(engine.outer.state_dict(), os.path.join(ckpt, f"step{step}", f"outer_shard{engine.shard_id}.pt"))
 
 
 def main(argv: list[str] | None = None) -> int:
