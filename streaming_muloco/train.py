@@ -200,7 +200,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
               "tokens": args.steps * tokens_per_step, "history": history,
+              "tokens_per_s": args.steps * tokens_per_step / elapsed,
               "outer_steps": engine.outer.outer_steps if engine.outer else 0}
+    if engine.outer is not None:
+        o = engine.outer
+        result.update({"comm_exposed_s": o.comm_exposed_s, "comm_hidden_s": o.comm_hidden_s,
+                       "comm_launch_s": o.comm_launch_s, "bytes_sent_per_rank": o.comm.bytes_sent})
     if rank == 0:
         print(f"[streaming_muloco] done: {args.steps} steps in {fmt_time(elapsed)}, final eval loss "
               f"{result['final_eval_loss']:.4f}", flush=True)

