@@ -1,0 +1,104 @@
+"""Compression kernel throughput as a ratio to a plain tensor copy (DESIGN §4, "Kernels").
+
+    /tmp/venv/bin/python benchmarks/bench_compression.py --quick
+    /tmp/venv/bin/python benchmarks/bench_compression.py --json benchmarks/results/compression.json
+    /tmp/venv/bin/python benchmarks/bench_compression.py --full     # adds 64M elements
+
+For each method and size it times compress (quantize + pack) and decompress (unpack +
+dequantize) of an fp32 tensor and reports GB/s of fp32 input processed, divided by the GB/s of
+`torch.clone` of the same tensor measured in the same run. Medians over reps; 2 threads, as on
+the 2-vCPU machines of DESIGN §5 (naive baseline there: int8 absmax 0.32x, 2-bit min/max +
+pack 0.22x). The compressor's scratch buffers are warm, as they are from the second outer round on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streaming_muloco.compression import make_compressor  # noqa: E402
+
+METHODS: list[tuple[str, int]] = [("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 2),
+                                  ("statistical", 4), ("e3m0", 4), ("topk", 32)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    fn()  # warm-up: scratch buffers, lookup tables
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float,
+        device: torch.device) -> list[dict[str, float | int | str]]:
+    rows: list[dict[str, float | int | str]] = []
+    for n in sizes:
+        x = torch.randn(n, device=device)
+        gb = n * 4 / 1e9
+        clone_s = median_seconds(lambda: x.clone(), reps, device)
+        for method, bits in METHODS:
+            comp = make_compressor(method, bits if method != "topk" else 8, block_size, topk_fraction)
+            p = comp.compress(x)
+            c_s = median_seconds(lambda: comp.compress(x), reps, device)
+            d_s = median_seconds(lambda: comp.decompress(p), reps, device)
+            rows.append({"method": comp.name, "numel": n, "ratio": n * 4 / p.nbytes,
+                         "clone_GBps": gb / clone_s, "compress_GBps": gb / c_s, "decompress_GBps": gb / d_s,
+                         "compress_x_clone": clone_s / c_s, "decompress_x_clone": clone_s / d_s})
+            comp.release_scratch()
+        del x
+    return rows
+
+
+def markdown(rows: list[dict[str, float | int | str]]) -> str:
+    out = ["| method | numel | size ratio | clone GB/s | compress GB/s | × clone | decompress GB/s | × clone |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {int(r['numel']) // 2**20}M | {r['ratio']:.1f}x | {r['clone_GBps']:.2f} | "
+                   f"{r['compress_GBps']:.2f} | {r['compress_x_clone']:.2f} | {r['decompress_GBps']:.2f} | "
+                   f"{r['decompress_x_clone']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1M and 4M elements, 3 reps")
+    ap.add_argument("--full", action="store_true", help="also 64M elements")
+    ap.add_argument("--reps", type=int, default=0, help="timed reps per point (default 7, 3 with --quick)")
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--topk-fraction", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sizes = [2**20, 2**22] if args.quick else [2**20, 2**22, 2**24] + ([2**26] if args.full else [])
+    reps = args.reps or (3 if args.quick else 7)
+    rows = run(sizes, reps, args.block_size, args.topk_fraction, torch.device(args.device))
+    print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, block {args.block_size}, "
+          f"topk fraction {args.topk_fraction}, median of {reps}")
+    print(markdown(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"threads": args.threads, "device": args.device, "reps": reps,
+                                         "block_size": args.block_size, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

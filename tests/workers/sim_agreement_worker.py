@@ -1,0 +1,71 @@
+"""One rank of the simulator-agreement test: train like train.py, dump what the simulator must match.
+
+    python tests/workers/sim_agreement_worker.py SCENARIOS.json OUT_DIR
+
+Each scenario is {"name", "ds_config", "steps", "seed", "micro", "eval_every", "eval_batches",
+"snap_steps"}. This rank writes OUT_DIR/<name>.rank<r>.pt with its module parameters at
+snap_steps, its training loss at every step, train.py-style eval losses, outer steps and bytes.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import streaming_muloco
+from streaming_muloco.data import TokenSplits, get_batch, load_tokens
+from streaming_muloco.model import build_model
+from streaming_muloco.train import EVAL_STREAM
+
+BLOCK = 32
+
+
+def splits() -> TokenSplits:
+    """The token split both sides of the test use."""
+    return TokenSplits.from_tokens(load_tokens(None)[:200_000], 0.1, BLOCK)
+
+
+def evaluate(engine, data: TokenSplits, micro: int, seed: int, eval_batches: int) -> float:
+    """train.py's evaluate(): rank r scores eval batches r, r+W, ...; the mean over all of them."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    engine.eval()
+    with torch.no_grad():
+        losses = [engine(*get_batch(data.val, micro, BLOCK, seed, EVAL_STREAM, i)).float()
+                  for i in range(rank, eval_batches * world, world)]
+    engine.train()
+    total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)))])
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def main() -> None:
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    data = splits()
+    for sc in scenarios:
+        torch.manual_seed(sc["seed"])
+        model = build_model("tiny", block_size=BLOCK, n_embd=32, n_head=2)
+        engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"])
+        rank = dist.get_rank()
+        snapshots, losses, evals = {}, [], []
+        for step in range(1, sc["steps"] + 1):
+            x, y = get_batch(data.train, sc["micro"], BLOCK, sc["seed"], rank, step - 1)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            if step in sc["snap_steps"]:
+                snapshots[step] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+            if step % sc["eval_every"] == 0 or step == sc["steps"]:
+                evals.append((step, evaluate(engine, data, sc["micro"], sc["seed"], sc["eval_batches"])))
+        info = {"outer_steps": engine.outer.outer_steps if engine.outer else 0,
+                "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0}
+        torch.save({"snapshots": snapshots, "losses": losses, "eval": evals, "info": info},
+                   out / f"{sc['name']}.rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
