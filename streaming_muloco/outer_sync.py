@@ -125,7 +125,8 @@ class OuterSync:
     def _finish(self, p: int, step: int) -> None:
         frag = self.fragments[p]
         t0 = time.perf_counter()
-        self.comm_hidden_s += t0 - frag.started_at
+        hidden = t0 - frag.started_at
+        self.comm_hidden_s += hidden
         mean = frag.in_flight.wait()
         t1 = time.perf_counter()
         self.comm_exposed_s += t1 - t0
@@ -137,6 +138,7 @@ class OuterSync:
         self.shard.scatter(p, new_local)
         self.outer_steps += 1
         self._log_round(p, step, mean, own, exposed=t1 - t0, total=time.perf_counter() - t0)
+        self.metrics.scalar("comm/in_flight_compute_seconds", hidden, step)
 
     def _log_round(self, p: int, step: int, mean: torch.Tensor, own: torch.Tensor, exposed: float,
                    total: float) -> None:
