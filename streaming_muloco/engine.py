@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("streaming_muloco")
 
 from .config import ConfigError, StreamingMuLoCoConfig, split_config
 from .inner import install_update_scale, muon_param_names, uses_muon
@@ -75,6 +78,8 @@ class StreamingMuLoCoEngine:
         self.topo = topo
         self.metrics = metrics
         self.inner_steps = 0
+        self.nonfinite_skipped = 0
+        self.phase = "start-up"
         self.outer = None
         if cfg.enabled:
             from .comm import make_backend
@@ -85,9 +90,38 @@ class StreamingMuLoCoEngine:
             named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
             fragments = assign_fragments([n for n, _ in named], cfg.num_fragments, strategy=cfg.fragment_strategy)
             shard = ZeroShard(engine.optimizer, named, fragments)
+            self._named = named
             comm = make_backend(cfg.comm.backend, topo, cfg.comm.timeout_s)
             self.fragments = fragments
             self.outer = OuterSync(cfg, topo, shard, comm, metrics)
+
+    def rebind_shard(self) -> None:
+        """Re-point the outer loop at DeepSpeed's fp32 partitions (after load_checkpoint)."""
+        from .zero_shard import ZeroShard
+
+        self.outer.shard = ZeroShard(self.engine.optimizer, self._named, self.fragments)
+
+    def save_checkpoint(self, save_dir: str | Path, step: int | None = None) -> Path:
+        """Atomic checkpoint of everything, DeepSpeed's state and ours, as save_dir/step{N}.
+
+        Collective: every rank calls it at the same step. Unlike DeepSpeed's method there is no
+        free-form tag: the step names the checkpoint, and `save_dir/latest` points at it.
+        """
+        from . import checkpoint
+
+        return checkpoint.save(self, save_dir, self.inner_steps if step is None else step)
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Restore from save_dir/step{N} (or save_dir, meaning its `latest`); returns N."""
+        from . import checkpoint
+
+        path = Path(path)
+        if not (path / checkpoint.MANIFEST).exists():
+            latest = checkpoint.find_latest(path)
+            if latest is None:
+                raise checkpoint.CheckpointError(f"no checkpoint found in '{path}' (no 'latest' file)")
+            path = latest
+        return checkpoint.load(self, path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -96,6 +130,25 @@ class StreamingMuLoCoEngine:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> Any:
+        """Backward, unless the loss is NaN/inf (policy `nonfinite_policy`).
+
+        A non-finite loss would put NaN into the gradients and from there into Adam's moments
+        for good. "skip" backpropagates an exact zero instead (the batch is dropped, the
+        optimizer state stays clean); "error" stops the run.
+        """
+        self.phase = f"backward of inner step {self.inner_steps + 1} (gradient reduction within replica " \
+                     f"{self.topo.replica_id})"
+        if not bool(torch.isfinite(loss.detach()).all()):
+            where = f"rank {self.topo.rank} (replica {self.topo.replica_id}) inner step {self.inner_steps + 1}"
+            if self.cfg.nonfinite_policy == "error":
+                from .outer_sync import NonFiniteError
+                raise NonFiniteError(f"{where}: the loss is {loss.item()} (streaming_muloco.nonfinite_policy="
+                                     f"'error'); restart from the last checkpoint with --resume, perhaps with a "
+                                     f"lower learning rate")
+            log.warning("%s: non-finite loss %s; skipping this batch", where, loss.item())
+            self.nonfinite_skipped += 1
+            self.metrics.scalar("train/nonfinite_loss_skipped", self.nonfinite_skipped, self.inner_steps + 1)
+            loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
         return self.engine.backward(loss)
 
     def step(self) -> None:
@@ -103,10 +156,14 @@ class StreamingMuLoCoEngine:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if self.outer is not None:
             self.outer.poke()
+        self.phase = f"inner step {self.inner_steps + 1} (optimizer step within replica {self.topo.replica_id})"
         self.engine.step()
         if boundary:
             self.inner_steps += 1
             if self.outer is not None:
+                self.phase = (f"outer sync after inner step {self.inner_steps} (collective with the shard-"
+                              f"{self.topo.shard_id} ranks {self.topo.outer_ranks(self.topo.shard_id)} of the "
+                              f"other replicas)")
                 self.outer.after_inner_step(self.inner_steps)
 
     @property
@@ -133,7 +190,7 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     import deepspeed
 
     init_distributed(cfg.comm.timeout_s)
-    topo = Topology.build(K, D)
+    topo = Topology.build(K, D, cfg.comm.timeout_s)
     # Replicas must start from identical weights whatever each process's seed did. The model
     # moves to the engine's device first, since NCCL cannot broadcast host tensors.
     from deepspeed.accelerator import get_accelerator

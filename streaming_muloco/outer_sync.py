@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import PseudoGradExchange
+from .comm.base import Handle
 from .config import StreamingMuLoCoConfig
 from .metrics import MetricsLogger
 from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
@@ -164,7 +165,16 @@ class OuterSync:
 
     # ---- checkpoint state -------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit, fragments in flight included.
+
+        A collective cannot be saved half-done, so a fragment in flight is waited for here and
+        its averaged pseudo-gradient is stored; on resume it finishes at its scheduled step
+        from the stored value, exactly as the uninterrupted run would have.
+        """
+        in_flight = {p: {"mean": f.in_flight.wait().clone(), "own": f.local_at_start.clone()}
+                     for p, f in enumerate(self.fragments) if f.in_flight is not None}
         return {
+            "in_flight": in_flight,
             "outer_steps": self.outer_steps,
             "theta_g": [f.theta_g.clone() for f in self.fragments],
             "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],
@@ -179,3 +189,9 @@ class OuterSync:
             f.outer_opt.load_state_dict(opt)
         self.exchange.load_state_dict(state["exchange"])
         self.comm.bytes_sent = state["bytes_sent"]
+        for p, pending in state["in_flight"].items():
+            frag = self.fragments[p]
+            mean = pending["mean"].to(frag.theta_g.device)
+            frag.in_flight = Handle(lambda m=mean: m)
+            frag.local_at_start = pending["own"].to(frag.theta_g.device)
+            frag.started_at = time.perf_counter()

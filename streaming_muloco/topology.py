@@ -8,6 +8,7 @@ Global rank r belongs to replica k = r // D and holds ZeRO shard d = r % D.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,23 +46,28 @@ class Topology:
         return [k * self.ranks_per_replica + d for k in range(self.num_replicas)]
 
     @classmethod
-    def build(cls, num_replicas: int, ranks_per_replica: int) -> "Topology":
-        """Create every group. Collective: all ranks must call it, in the same order."""
+    def build(cls, num_replicas: int, ranks_per_replica: int, timeout_s: float | None = None) -> "Topology":
+        """Create every group. Collective: all ranks must call it, in the same order.
+
+        `timeout_s` bounds every collective on these groups: without it torch gives new groups
+        a 30-minute default, and a hung peer would freeze the survivors that long.
+        """
         topo = cls(num_replicas, ranks_per_replica, dist.get_rank())
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         if topo.world_size != dist.get_world_size():
             raise ValueError(f"num_replicas ({num_replicas}) x ranks_per_replica ({ranks_per_replica}) != "
                              f"world size ({dist.get_world_size()})")
         # new_group is collective over the world: every rank creates every group.
         for k in range(num_replicas):
-            g = dist.new_group(topo.replica_ranks(k))
+            g = dist.new_group(topo.replica_ranks(k), timeout=timeout)
             if k == topo.replica_id:
                 topo.replica_group = g
         for d in range(ranks_per_replica):
-            g = dist.new_group(topo.outer_ranks(d))
+            g = dist.new_group(topo.outer_ranks(d), timeout=timeout)
             if d == topo.shard_id:
                 topo.outer_group = g
         for r in range(topo.world_size):
-            g = dist.new_group([r])
+            g = dist.new_group([r], timeout=timeout)
             if r == topo.rank:
                 topo.self_group = g
         return topo

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--out-dir", default="runs/default", help="checkpoints and TensorBoard logs go here")
     p.add_argument("--no-save", action="store_true", help="do not write checkpoints")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint: a step directory, or (no value) the latest one in "
+                        "--out-dir/checkpoints; with none there yet, start from step 0")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logs")
     args = p.parse_args(argv)
@@ -105,7 +108,7 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[str, Any]:
     """Build everything, train, evaluate; returns the final metrics (rank 0's view)."""
     ds_config = load_ds_config(args)
     # Everything checkable is checked before process groups exist: config, model, data.
@@ -139,6 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     metrics = make_logger(tensorboard_dir(ds_config, os.path.join(args.out_dir, "tb")), rank == 0)
     engine, _, _, _ = initialize(model=model, config=ds_config, metrics=metrics)
+    if engine_ref is not None:
+        engine_ref.append(engine)
     world, rank = dist.get_world_size(), dist.get_rank()
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
@@ -162,9 +167,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[streaming_muloco] model {args.model}: {model.num_params():,} params | {mode} | "
               f"{tokens_per_step} tokens/step | logs: {metrics.log_dir}", flush=True)
     history: dict[str, Any] = {"train_loss": [], "eval_loss": []}
+    first = 1
+    if args.resume is not None:
+        first = resume(engine, args) + 1
     t_start = t_log = time.perf_counter()
     loss_acc, loss_n = 0.0, 0
-    for step in range(1, args.steps + 1):
+    for step in range(first, args.steps + 1):
         for micro_step in range(accum):
             x, y = get_batch(splits.train, micro, block, args.seed, rank, (step - 1) * accum + micro_step, device)
             loss = engine(x, y)
@@ -177,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             train_loss = loss_acc / loss_n
             tok_s = tokens_per_step * (args.log_every if step % args.log_every == 0 else step % args.log_every) \
                 / max(now - t_log, 1e-9)
-            eta = (now - t_start) / step * (args.steps - step)
+            eta = (now - t_start) / (step - first + 1) * (args.steps - step)
             history["train_loss"].append((step, train_loss))
             metrics.scalars({"train/loss": train_loss, "train/tokens_per_s": tok_s,
                              "train/tokens": step * tokens_per_step}, step)
@@ -186,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"ETA {fmt_time(eta)}", flush=True)
             loss_acc, loss_n, t_log = 0.0, 0, now
         if step % args.eval_every == 0 or step == args.steps:
+            engine.phase = f"eval after inner step {step}"
             val = evaluate()
             history["eval_loss"].append((step, val))
             metrics.scalar("eval/loss", val, step)
@@ -195,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       flush=True)
         if not args.no_save and args.save_every and step % args.save_every == 0 and step != args.steps:
             save(engine, args.out_dir, step)
-    if not args.no_save:
+    if not args.no_save and first <= args.steps:
         save(engine, args.out_dir, args.steps)
     elapsed = time.perf_counter() - t_start
     result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
@@ -216,26 +225,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def save(engine: Any, out_dir: str, step: int) -> None:
-    """One checkpoint directory per replica: each replica is its own DeepSpeed DP group."""
-    import torch
+    engine.phase = f"checkpoint save at inner step {step}"
+    engine.save_checkpoint(os.path.join(out_dir, "checkpoints"), step)
 
-    ckpt = os.path.join(out_dir, "checkpoints", f"replica{engine.replica_id}")
-    engine.save_checkpoint(ckpt, tag=f"step{step}", client_state={"inner_steps": engine.inner_steps})
-    if engine.outer is not None:  # outer state is per rank (shard-wise), so one file per rank
-        torch.save(engine.outer.state_dict(), os.path.join(ckpt, f"step{step}", f"outer_shard{engine.shard_id}.pt"))
+
+def resume(engine: Any, args: argparse.Namespace) -> int:
+    """Load the requested checkpoint; returns the inner step it holds (0: none yet)."""
+    from .checkpoint import find_latest
+
+    engine.phase = "checkpoint load"
+    path = find_latest(os.path.join(args.out_dir, "checkpoints")) if args.resume == "auto" else Path(args.resume)
+    if path is None:
+        if engine.topo.rank == 0:
+            print(f"[streaming_muloco] --resume: no checkpoint in {args.out_dir}/checkpoints yet; starting at step 0",
+                  flush=True)
+        return 0
+    step = engine.load_checkpoint(path)
+    if engine.topo.rank == 0:
+        print(f"[streaming_muloco] resumed from {path} at inner step {step}", flush=True)
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    engine_ref: list[Any] = []
     try:
-        run(args)
+        run(args, engine_ref)
     except (ConfigError, DataError) as e:
         # One line, from one rank, no traceback: these are the user's to fix.
-        rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-        if rank == "0":
+        if rank == "0" or not engine_ref:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        _exit(2)
+    except Exception as e:  # noqa: BLE001 - every rank must say where it stopped, then leave
+        from .outer_sync import NonFiniteError
+
+        if isinstance(e, NonFiniteError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            _exit(3)
+        if not _is_comm_failure(e):
+            raise
+        phase = engine_ref[0].phase if engine_ref else "start-up"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {rank}: a collective failed during {phase}: {first}. A peer rank died or hangs; "
+              f"restart every rank with --resume to continue from the last checkpoint.", file=sys.stderr, flush=True)
+        _exit(1)
     return 0
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    from .comm.mpi_backend import PeerTimeoutError
+
+    if isinstance(e, (PeerTimeoutError, dist.DistError, TimeoutError, ConnectionError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "connection", "timed out", "timeout",
+                                                                   "nccl", "peer"))
+
+
+def _exit(code: int) -> None:
+    """Leave now: a process group with a dead peer can block interpreter shutdown forever."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""Exact resume after SIGKILL, verified checkpoints, and peers that die or hang (real ranks, gloo)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from multirank import REPO, base_env, free_port, run_ranks
+
+pytestmark = pytest.mark.multirank
+
+# K=2 replicas x D=1, H=4, P=2, tau=1: fragment 1 starts at steps 2, 6, 10 and finishes one step
+# later, so the checkpoint at step 6 is taken while fragment 1 is in flight.
+ARGS = ["-m", "streaming_muloco.train", "--ds-config", "ds_configs/streaming_muloco_cpu.json", "--steps", "12",
+        "--log-every", "1", "--eval-every", "100", "--eval-batches", "2", "--save-every", "3",
+        "--n-embd", "32", "--n-head", "2", "--block-size", "32",
+        "--set", "train_micro_batch_size_per_gpu=4", "--set", "streaming_muloco.sync_every=4",
+        "--set", "streaming_muloco.num_fragments=2", "--set", "streaming_muloco.sync_delay=1",
+        "--set", "streaming_muloco.comm.timeout_s=30"]
+
+
+def start(n, argv, env=None):
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        e = base_env(env)
+        e.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"})
+        procs.append(subprocess.Popen([sys.executable, *argv], env=e, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return procs
+
+
+def wait_for_line(proc, needle, timeout=300):
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"'{needle}' never appeared:\n{''.join(lines)[-3000:]}")
+
+
+def kill_all(procs, sig=signal.SIGKILL):
+    for p in procs:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait(timeout=60)
+
+
+def losses(out):
+    return {step: loss for step, loss in json.loads((out / "result.json").read_text())["history"]["train_loss"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    res = run_ranks(2, ARGS + ["--out-dir", str(out)], timeout=300)
+    assert res.ok, res.describe()
+    return out
+
+
+def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    procs = start(2, ARGS + ["--out-dir", str(out)])
+    wait_for_line(procs[0], "step      8/12")
+    kill_all(procs)  # both ranks, SIGKILL, after the step-6 checkpoint (fragment 1 in flight)
+    assert (out / "checkpoints" / "latest").read_text() == "step6"
+    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume"], timeout=300)
+    assert res.ok, res.describe()
+    assert "resumed from" in res.outputs[0] and "at inner step 6" in res.outputs[0]
+    full, resumed = losses(uninterrupted), losses(out)
+    assert sorted(resumed) == list(range(7, 13))
+    for step in range(7, 13):
+        assert resumed[step] == full[step], (step, resumed[step], full[step])
+    final = json.loads((out / "result.json").read_text())["final_eval_loss"]
+    assert final == json.loads((uninterrupted / "result.json").read_text())["final_eval_loss"]
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_checkpoint_file_is_named_and_refused(tmp_path, uninterrupted):
+    out = _copy_run(uninterrupted, tmp_path / "run")
+    victim = next((out / "checkpoints" / "step12" / "replica1").glob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume"], timeout=300)
+    assert res.returncodes[0] == 2
+    assert f"error: checkpoint file '{victim}' is corrupt or truncated" in res.outputs[0]
+    assert "Traceback" not in res.outputs[0]
+
+
+def test_resume_with_a_different_topology_is_refused(tmp_path, uninterrupted):
+    out = _copy_run(uninterrupted, tmp_path / "run")
+    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume", "--set", "streaming_muloco.num_replicas=1"],
+                    timeout=300)
+    assert res.returncodes[0] == 2
+    assert "it was saved with num_replicas=2 but this run has num_replicas=1" in res.outputs[0]
+
+
+def test_resume_with_a_different_fragment_count_is_refused(tmp_path, uninterrupted):
+    out = _copy_run(uninterrupted, tmp_path / "run")
+    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume", "--set", "streaming_muloco.num_fragments=1"],
+                    timeout=300)
+    assert res.returncodes[0] == 2
+    assert "num_fragments=2 but this run has num_fragments=1" in res.outputs[0]
+
+
+PEER_ARGS = [a for a in ARGS] + ["--steps", "400", "--no-save", "--set", "streaming_muloco.sync_every=1",
+                                 "--set", "streaming_muloco.num_fragments=1", "--set", "streaming_muloco.sync_delay=0",
+                                 "--set", "streaming_muloco.comm.timeout_s=15"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_surviving_rank_exits_with_a_message_when_its_peer_dies_or_hangs(tmp_path, sig):
+    """H=1: every step has an outer sync, so the peer vanishes in the middle of the outer loop."""
+    procs = start(2, PEER_ARGS + ["--out-dir", str(tmp_path / "o")])
+    wait_for_line(procs[0], "step     10/400")
+    os.killpg(procs[1].pid, sig)
+    t0 = time.monotonic()
+    try:
+        out, _ = procs[0].communicate(timeout=120)
+    finally:
+        kill_all(procs)
+    assert procs[0].returncode not in (0, None)
+    assert time.monotonic() - t0 < 100
+    assert "error: rank 0: a collective failed during" in out
+    assert "restart every rank with --resume" in out
