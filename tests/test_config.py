@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from multirank import REPO, base_env
@@ -86,6 +87,18 @@ def _train_cli(tmp_path, *args):
                           cwd=REPO, env=base_env({"WORLD_SIZE": "4"}), capture_output=True, text=True, timeout=120)
 
 
+def _token_file(tmp_path, ids):
+    path = tmp_path / "tokens.bin"
+    np.array(ids, dtype=np.uint16).tofile(path)
+    return str(path)
+
+
+def _raw_file(tmp_path, text):
+    path = tmp_path / "raw.json"
+    path.write_text(text)
+    return str(path)
+
+
 def _config_file(tmp_path, section):
     base = json.loads((REPO / "ds_configs" / "muloco_cpu.json").read_text())
     base["streaming_muloco"] = section
@@ -106,6 +119,18 @@ def _config_file(tmp_path, section):
      "error: streaming_muloco.sync_every (0) must be >= 1 inner step"),
     (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--model", "huge"], "error: model preset 'huge' is unknown"),
     (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--steps", "0"], "--steps (0) must be >= 1"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--n-layer", "0"], "error: model.n_layer (0) must be >= 1"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--steps", "-5"], "--steps (-5) must be >= 1"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--steps", "ten"], "invalid int value: 'ten'"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--set", "streaming_muloco.sync_delay=30"],
+     "error: streaming_muloco.sync_delay (30) must be < sync_every/num_fragments (30)"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--set", "streaming_muloco.num_fragments=40"],
+     "error: streaming_muloco.num_fragments (40) must be <= sync_every (30)"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--data", _token_file(t, [1, 2, 300] * 2000)],
+     "holds token id 300 >= model.vocab_size 256; check --data-dtype (uint16)"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--data", _token_file(t, [1, 2, 3] * 2000),
+                "--data-dtype", "int8"], "error: --data-dtype 'int8' is not supported"),
+    (lambda t: ["--ds-config", _raw_file(t, "{not json")], "is not valid JSON"),
 ])
 def test_cli_prints_one_error_line_and_exits_2_before_any_process_group(tmp_path, make_args, message):
     proc = _train_cli(tmp_path, *make_args(tmp_path))
@@ -114,3 +139,23 @@ def test_cli_prints_one_error_line_and_exits_2_before_any_process_group(tmp_path
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error")]) == 1 or \
         "usage:" in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("localhost slots=2\nnode-b slot=2\n", "line 2: 'node-b slot=2' must look like '<hostname> slots=<N>'"),
+    ("localhost slots=0\n", "line 1: slots must be >= 1"),
+    ("a slots=2\na slots=2\n", "line 2: host 'a' is listed twice"),
+    ("# only a comment\n", "lists no hosts"),
+])
+def test_bad_hostfile_gets_one_error_line_and_exit_2(tmp_path, text, message):
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "streaming_muloco.hostfile", str(path)], cwd=REPO, env=base_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_example_hostfile_is_valid():
+    proc = subprocess.run([sys.executable, "-m", "streaming_muloco.hostfile", "launch/hostfile.example", "--summary"],
+                          cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "2", "localhost"]
