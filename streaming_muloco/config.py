@@ -32,6 +32,9 @@ class CompressionConfig:
     topk_fraction: float = 0.01
     error_feedback: bool = True
     ef_beta: float = 1.0
+    # The official MuLoCo code feeds outer_lr * pseudo_grad into the EF buffer, so its
+    # effective outer lr is outer_lr squared; true reproduces that.
+    ef_scale_by_outer_lr: bool = False
     collective: Literal["single_phase", "two_phase"] = "single_phase"
 
     def validate(self, prefix: str) -> None:

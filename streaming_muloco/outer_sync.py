@@ -60,7 +60,8 @@ class OuterSync:
         self.comm = comm
         self.metrics = metrics
         self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay)
-        self.exchange = PseudoGradExchange(cfg.compression, comm, num_fragments=cfg.num_fragments)
+        self.exchange = PseudoGradExchange(cfg.compression, comm, num_fragments=cfg.num_fragments,
+                                           outer_lr=cfg.outer_lr)
         self.fragments = [
             FragmentState(theta_g=shard.gather(p),
                           outer_opt=OuterNesterovSGD(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov))

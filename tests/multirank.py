@@ -35,6 +35,9 @@ def base_env(extra: dict | None = None) -> dict:
         "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        # Open MPI's memory patcher (hooks on free/munmap for RDMA registration caches, unused
+        # over TCP) intermittently corrupted the heap beside torch's allocator at exit here.
+        "OMPI_MCA_memory": "^patcher",
     })
     env.update(extra or {})
     return env

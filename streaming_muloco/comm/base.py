@@ -27,10 +27,15 @@ class Handle:
             self._done = True
         return self._result
 
+    def test(self) -> bool:
+        """True once the collective has completed (it may still need `wait()` to unpack)."""
+        if self._done:
+            return True
+        return bool(self._test_fn()) if self._test_fn is not None else False
+
     def poke(self) -> None:
         """Give a backend that does not progress on its own a chance to move (MPI)."""
-        if not self._done and self._test_fn is not None:
-            self._test_fn()
+        self.test()
 
 
 class CommBackend(abc.ABC):

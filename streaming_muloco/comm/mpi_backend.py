@@ -8,6 +8,11 @@ with `mpirun --mca btl_tcp_progress_thread 1` lets the transport progress by its
 MPI works on host memory, so device tensors are staged through pinned-free host copies; the
 result lands back on the tensor's own device. The job must be launched by `mpirun` (or srun)
 so that MPI's world matches torch.distributed's.
+
+Run with `OMPI_MCA_memory=^patcher` (launch/env.sh sets it): Open MPI's memory patcher hooks
+free/munmap for RDMA registration caches, which TCP does not use, and beside torch's allocator
+it intermittently corrupted the heap at process exit here (about 1 run in 3 of the compressed
+MPI test; 0 in 4 with the patcher off).
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ import numpy as np
 import torch
 
 from .base import CommBackend, Handle, wire_bytes
+
+
+_OUTER_COMMS: dict[tuple[int, int], Any] = {}
 
 
 class PeerTimeoutError(RuntimeError):
@@ -46,8 +54,14 @@ class MPIBackend(CommBackend):
                                f"{world.Get_size()} but torch.distributed sees rank {topo.rank} of {topo.world_size}; "
                                f"launch the job with mpirun (launch/mpirun_local.sh) or use comm.backend='torch'")
         super().__init__(size=topo.num_replicas, rank=topo.replica_id)
-        # Same shard index -> same colour; ordered by replica so MPI rank == replica id.
-        self.comm = world.Split(color=topo.shard_id, key=topo.replica_id)
+        # Same shard index -> same colour; ordered by replica so MPI rank == replica id. One
+        # communicator per process and layout, reused by later engines: MPI communicators are
+        # never freed by garbage collection, and a process that built several engines and
+        # dropped them intermittently aborted in MPI_Finalize (heap corruption) here.
+        key = (topo.num_replicas, topo.ranks_per_replica)
+        if key not in _OUTER_COMMS:
+            _OUTER_COMMS[key] = world.Split(color=topo.shard_id, key=topo.replica_id)
+        self.comm = _OUTER_COMMS[key]
         self.MPI = MPI
         self.timeout_s = timeout_s
 
@@ -71,9 +85,11 @@ class MPIBackend(CommBackend):
         send = self._host(tensor)
         recv = np.empty_like(send)
         req = self.comm.Iallreduce(send, recv, op=self.MPI.SUM)
+        keep = [send]  # MPI reads the send buffer until the request completes: keep it alive
 
         def finish() -> torch.Tensor:
             self._wait(req, "all_reduce")
+            del keep[:]
             tensor.copy_(torch.from_numpy(recv))
             return tensor
 
@@ -86,9 +102,11 @@ class MPIBackend(CommBackend):
         send = self._host(tensor)
         recv = np.empty((self.size,) + send.shape, dtype=send.dtype)
         req = self.comm.Iallgather(send, recv)
+        keep = [send]  # MPI reads the send buffer until the request completes: keep it alive
 
         def finish() -> list[torch.Tensor]:
             self._wait(req, "all_gather")
+            del keep[:]
             return [torch.from_numpy(recv[i]).to(tensor.device) for i in range(self.size)]
 
         return Handle(finish, req.Test)
@@ -104,13 +122,15 @@ class MPIBackend(CommBackend):
         send = np.concatenate([self._host(c).reshape(-1) for c in chunks])
         recv = np.empty_like(send)
         req = self.comm.Ialltoall(send, recv)
+        keep = [send]  # MPI reads the send buffer until the request completes: keep it alive
         device = chunks[0].device
 
         def finish() -> list[torch.Tensor]:
             self._wait(req, "all_to_all")
+            del keep[:]
             return [torch.from_numpy(r).to(device) for r in np.split(recv, self.size)]
 
         return Handle(finish, req.Test)
 
     def close(self) -> None:
-        self.comm.Free()
+        pass  # the communicator is shared by later engines in this process (see __init__)

@@ -50,6 +50,6 @@ class TorchBackend(CommBackend):
                 ops.append(dist.P2POp(dist.isend, chunks[j], peer, group=self.group))
                 ops.append(dist.P2POp(dist.irecv, out[j], peer, group=self.group))
             works = dist.batch_isend_irecv(ops)
-            return Handle(lambda: ([w.wait() for w in works], out)[1])
+            return Handle(lambda: ([w.wait() for w in works], out)[1], lambda: all(w.is_completed() for w in works))
         work = dist.all_to_all(out, list(chunks), group=self.group, async_op=True)
         return Handle(lambda: (work.wait(), out)[1], work.is_completed)
