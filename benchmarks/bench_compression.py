@@ -9,11 +9,16 @@ dequantize) of an fp32 tensor and reports GB/s of fp32 input processed, divided 
 `torch.clone` of the same tensor measured in the same run. Medians over reps; 2 threads, as on
 the 2-vCPU machines of DESIGN §5 (naive baseline there: int8 absmax 0.32x, 2-bit min/max +
 pack 0.22x). The compressor's scratch buffers are warm, as they are from the second outer round on.
+
+Each operation split over 2 threads waits for both, so on a machine shared with other jobs the
+wall-clock ratios fall apart (a parallel op can cost a whole scheduler slice); the header prints
+the load average. `--threads 1 --timer cpu` measures the work itself and is stable under load.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,30 +39,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+def median_seconds(fn: Callable[[], object], reps: int, device: torch.device, clock: Callable[[], float]) -> float:
     fn()  # warm-up: scratch buffers, lookup tables
     times = []
     for _ in range(reps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
-def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float,
-        device: torch.device) -> list[dict[str, float | int | str]]:
+def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float, device: torch.device,
+        clock: Callable[[], float]) -> list[dict[str, float | int | str]]:
     rows: list[dict[str, float | int | str]] = []
     for n in sizes:
         x = torch.randn(n, device=device)
         gb = n * 4 / 1e9
-        clone_s = median_seconds(lambda: x.clone(), reps, device)
+        clone_s = median_seconds(lambda: x.clone(), reps, device, clock)
         for method, bits in METHODS:
             comp = make_compressor(method, bits if method != "topk" else 8, block_size, topk_fraction)
             p = comp.compress(x)
-            c_s = median_seconds(lambda: comp.compress(x), reps, device)
-            d_s = median_seconds(lambda: comp.decompress(p), reps, device)
+            c_s = median_seconds(lambda: comp.compress(x), reps, device, clock)
+            d_s = median_seconds(lambda: comp.decompress(p), reps, device, clock)
             rows.append({"method": comp.name, "numel": n, "ratio": n * 4 / p.nbytes,
                          "clone_GBps": gb / clone_s, "compress_GBps": gb / c_s, "decompress_GBps": gb / d_s,
                          "compress_x_clone": clone_s / c_s, "decompress_x_clone": clone_s / d_s})
@@ -85,18 +90,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--topk-fraction", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                    help="wall clock, or process CPU time: steadier on a shared machine (use --threads 1)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    clock = time.perf_counter if args.timer == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sizes = [2**20, 2**22] if args.quick else [2**20, 2**22, 2**24] + ([2**26] if args.full else [])
     reps = args.reps or (3 if args.quick else 7)
-    rows = run(sizes, reps, args.block_size, args.topk_fraction, torch.device(args.device))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = run(sizes, reps, args.block_size, args.topk_fraction, torch.device(args.device), clock)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, block {args.block_size}, "
-          f"topk fraction {args.topk_fraction}, median of {reps}")
+          f"topk fraction {args.topk_fraction}, median of {reps}, {args.timer} time, "
+          f"1-min load average at start {load:.2f}")
     print(markdown(rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"threads": args.threads, "device": args.device, "reps": reps,
+                                         "timer": args.timer, "load_average": load,
                                          "block_size": args.block_size, "rows": rows}, indent=1))
 
 

@@ -30,7 +30,7 @@ Design choices that matter for the wire:
 - All math stays on the input's device and is vectorised, in chunks of at most CPU_CHUNK (CPU) or
   DEVICE_CHUNK elements. Temporaries live in scratch buffers a compressor keeps and reuses
   across calls (on CPU, page faults of fresh allocations cost more than the math): at most ~14
-  bytes per element of one chunk (~3.5 MiB on CPU), freed by `release_scratch()`. A compressor
+  bytes per element of one chunk (~7 MiB on CPU), freed by `release_scratch()`. A compressor
   is therefore not thread-safe: use one per thread.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ __all__ = [
 
 METHODS = ("none", "linear", "statistical", "e3m0", "topk")
 META_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CPU_CHUNK = 2**18  # elements per cache-sized chunk of elementwise work on CPU (1 MiB of fp32)
+CPU_CHUNK = 2**19  # elements per cache-sized chunk of elementwise work on CPU (2 MiB of fp32)
 DEVICE_CHUNK = 2**24  # elsewhere: few launches, and scratch bounded at ~14 bytes × 16M
 Layout = tuple[tuple[str, torch.dtype, int], ...]  # (field, dtype, count), in wire order
 Scratch = Callable[[str, int, torch.dtype], torch.Tensor]  # (key, numel, dtype) -> work tensor

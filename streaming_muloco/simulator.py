@@ -9,7 +9,8 @@ What is simulated is what a K x 1 DeepSpeed job (`train.py`, D = 1) computes, st
 - the outer loop is NOT re-implemented: each replica gets its own `OuterSync` (the very same
   schedule, fragments, outer optimizer and `PseudoGradExchange` as the distributed path) over
   a `ModuleShard` and an `InProcessBackend`. After every inner step the three outer phases run
-  for all replicas, phase by phase, so every collective is launched before it is waited on;
+  for all replicas, phase by phase (poking every replica first, as engine.step does), so
+  every collective is launched before it is waited on;
 - with no `streaming_muloco` section (or enabled=false) it is DP over `dp_world` ranks: one
   model stepped on the mean gradient of streams 0..dp_world-1.
 
@@ -165,8 +166,15 @@ class _Run:
             self.pool.shutdown()
 
     def outer_phases(self, step: int) -> None:
-        """finish_due, start_due, finish_started: each for every replica before the next."""
+        """finish_due, start_due, finish_started: each for every replica before the next.
+
+        Every replica is poked before each phase (engine.step pokes too): an exchange whose
+        first collective is complete launches its next one there, e.g. two-phase's all-gather,
+        so no replica waits on a collective that another has yet to launch.
+        """
         for phase in ("finish_due", "start_due", "finish_started"):
+            for o in self.outer:
+                o.poke()
             calls = [getattr(o, phase) for o in self.outer]
             if self.pool is not None:
                 list(self.pool.map(lambda f: f(step), calls))
@@ -197,7 +205,7 @@ def simulate(ds_config: dict, *, steps: int, model: str = "tiny", model_override
         dp_world: ranks of the DP baseline (ignored with an enabled streaming_muloco section).
         log_every: train loss is averaged over this many steps (and over replicas).
         replica_threads: run the outer phases with one thread per replica; needed only by an
-            exchange that launches a second collective inside wait() (two-phase).
+            exchange that launches a collective inside wait() that poke() did not launch.
         on_step: called as on_step(step, models) after each step's outer syncs.
 
     Returns:
@@ -219,7 +227,14 @@ def simulate(ds_config: dict, *, steps: int, model: str = "tiny", model_override
     K = cfg.num_replicas if cfg.enabled else 1
     world = K if cfg.enabled else dp_world
     accum = int(ds.get("gradient_accumulation_steps", 1))
-    micro = micro_batch or ds.get("train_micro_batch_size_per_gpu") or ds["train_batch_size"] // (accum * world)
+    micro = micro_batch or ds.get("train_micro_batch_size_per_gpu")
+    if not micro:
+        if "train_batch_size" not in ds:
+            raise ConfigError("train_micro_batch_size_per_gpu is missing: set it in the config or pass micro_batch")
+        micro = ds["train_batch_size"] // (accum * world)
+    if steps < 1 or eval_every < 1 or eval_batches < 1 or log_every < 1:
+        raise ValueError(f"steps ({steps}), eval_every ({eval_every}), eval_batches ({eval_batches}) and "
+                         f"log_every ({log_every}) must all be >= 1")
     eval_micro = eval_micro_batch or micro
 
     prev_threads = torch.get_num_threads()
@@ -299,12 +314,12 @@ def _train(run: _Run, splits: TokenSplits, *, steps: int, seed: int, micro: int,
         bytes_sent = [o.comm.bytes_sent for o in run.outer]
         outer_steps = [o.outer_steps for o in run.outer]
     else:  # the DDP ring all-reduce model of DESIGN §4, not a measurement
-        bytes_sent = [steps * wire_bytes("all_reduce", 4 * n_params, world)]
+        bytes_sent = [step * wire_bytes("all_reduce", 4 * n_params, world)]
         outer_steps = [0]
     return {"eval_loss": history["eval_loss"], "train_loss": history["train_loss"],
-            "final_eval_loss": history["eval_loss"][-1][1], "diverged": diverged, "steps": steps, "tokens": steps * tokens_per_step,
-            "tokens_per_step": tokens_per_step, "num_replicas": len(run.models), "world": world,
-            "num_params": n_params, "outer_steps": outer_steps, "bytes_sent_per_replica": bytes_sent,
+            "final_eval_loss": history["eval_loss"][-1][1], "diverged": diverged, "steps": step,
+            "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step, "num_replicas": len(run.models),
+            "world": world, "num_params": n_params, "outer_steps": outer_steps, "bytes_sent_per_replica": bytes_sent,
             "seconds": time.perf_counter() - t0}
 
 

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--out-dir/checkpoints; with none there yet, start from step 0")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logs")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key in ("steps", "eval_every", "eval_batches", "log_every"):
         if getattr(args, key) < 1:
@@ -209,7 +211,8 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     elapsed = time.perf_counter() - t_start
     result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
               "tokens": args.steps * tokens_per_step, "history": history,
-              "tokens_per_s": args.steps * tokens_per_step / elapsed,
+              "tokens_per_s": (args.steps - first + 1) * tokens_per_step / elapsed,
+              "peak_rss_mb": peak_rss_mb(),
               "outer_steps": engine.outer.outer_steps if engine.outer else 0}
     if engine.outer is not None:
         o = engine.outer
@@ -222,6 +225,13 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
         Path(args.out_dir, "result.json").write_text(json.dumps(result, indent=1))
     metrics.close()
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save(engine: Any, out_dir: str, step: int) -> None:

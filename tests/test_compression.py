@@ -262,7 +262,7 @@ def test_constant_blocks_decode_exactly_with_fp32_linear_meta() -> None:
     assert torch.equal(c.decompress(c.compress(x)), x)
 
 
-@pytest.mark.parametrize("n", [1000, 2**19 + 5])  # the large one takes the sampled path, in 3 chunks
+@pytest.mark.parametrize("n", [1000, 2**19 + 5])  # the large one takes the sampled path, in 2 chunks
 def test_topk_keeps_exactly_the_largest_magnitudes(n: int) -> None:
     x = torch.randperm(n).float().sub_(n / 2) * torch.randn(n).sign()  # distinct magnitudes
     c = comp("topk", 8, frac=0.01)

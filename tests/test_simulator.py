@@ -2,11 +2,13 @@
 
 The quality sweep (benchmarks/quality_sweep.py) trusts the simulator, so this test pins it to
 DeepSpeed itself: Streaming MuLoCo (K=2, D=1, H=4, P=2, tau=1, Muon + WarmupCosineLR),
-DiLoCo (AdamW with weight decay, gradient clipping, ZeRO-2) and 2-rank DP-AdamW, each run both
-ways on the same tiny model and data. Parameters, losses, outer-step counts and bytes on the
+DiLoCo (AdamW with weight decay, gradient clipping and accumulation, ZeRO-2), 2-rank DP-AdamW
+and MuLoCo with 2-bit two-phase error-feedback compression, each run both ways on the same
+tiny model and data. Parameters, losses, outer-step counts and bytes on the
 wire must agree.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +30,8 @@ ADAMW = {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e
                                      "torch_adam": True}}
 
 
-def ds_config(opt: dict, stage: int, clip: float, section: dict | None) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
+def ds_config(opt: dict, stage: int, clip: float, section: dict | None, accum: int = 1) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accum, "gradient_clipping": clip,
            "zero_optimization": {"stage": stage}, "optimizer": opt, "scheduler": SCHED, "steps_per_print": 10 ** 6}
     if section is not None:
         cfg["streaming_muloco"] = section
@@ -40,15 +42,19 @@ SCENARIOS = {
     "stream_muloco": ds_config(MUON, 1, 0.0, {"num_replicas": 2, "sync_every": H, "num_fragments": 2,
                                               "sync_delay": 1, "outer_lr": 0.7, "outer_momentum": 0.9}),
     # clip 0.05 is below this model's gradient norm, so clipping really scales every step.
-    "diloco_clip": ds_config(ADAMW, 2, 0.05, {"num_replicas": 2, "sync_every": H, "outer_lr": 0.8,
-                                              "outer_momentum": 0.8}),
+    "diloco_clip_accum": ds_config(ADAMW, 2, 0.05, {"num_replicas": 2, "sync_every": H, "outer_lr": 0.8,
+                                                    "outer_momentum": 0.8}, accum=2),
     "dp_adamw": ds_config(ADAMW, 1, 0.05, None),
+    # The exchange's compression and error feedback run inside OuterSync on both sides too.
+    "muloco_2bit_ef_two_phase": ds_config(MUON, 1, 0.0, {
+        "num_replicas": 2, "sync_every": H, "outer_lr": 0.7, "outer_momentum": 0.9,
+        "compression": {"method": "statistical", "bits": 2, "error_feedback": True, "collective": "two_phase"}}),
 }
 
 
 @pytest.fixture(scope="module")
-def deepspeed_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim")
+def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    out: Path = tmp_path_factory.mktemp("sim")
     spec = [{"name": n, "ds_config": c, "steps": STEPS, "seed": SEED, "micro": MICRO, "eval_every": EVAL_EVERY,
              "eval_batches": EVAL_BATCHES, "snap_steps": SNAP_STEPS} for n, c in SCENARIOS.items()]
     (out / "scenarios.json").write_text(json.dumps(spec))
@@ -57,7 +63,7 @@ def deepspeed_runs(tmp_path_factory):
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name in SCENARIOS}
 
 
-def run_simulator(name: str) -> tuple[dict, dict[int, list[dict]]]:
+def run_simulator(name: str, replica_threads: bool = False) -> tuple[dict, dict[int, list[dict]]]:
     snaps: dict[int, list[dict]] = {}
 
     def keep(step: int, models: list) -> None:
@@ -66,7 +72,7 @@ def run_simulator(name: str) -> tuple[dict, dict[int, list[dict]]]:
 
     res = simulate(SCENARIOS[name], steps=STEPS, seed=SEED, micro_batch=MICRO, block_size=BLOCK,
                    model_overrides={"n_embd": 32, "n_head": 2}, splits=splits(), eval_every=EVAL_EVERY,
-                   eval_batches=EVAL_BATCHES, log_every=1, dp_world=2, on_step=keep)
+                   eval_batches=EVAL_BATCHES, log_every=1, dp_world=2, on_step=keep, replica_threads=replica_threads)
     return res, snaps
 
 
@@ -75,7 +81,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_simulator_matches_real_deepspeed_job(deepspeed_runs, name):
+def test_simulator_matches_real_deepspeed_job(deepspeed_runs: dict[str, list[dict]], name: str) -> None:
     ranks = deepspeed_runs[name]
     res, snaps = run_simulator(name)
     for step in SNAP_STEPS:
@@ -96,7 +102,7 @@ def test_simulator_matches_real_deepspeed_job(deepspeed_runs, name):
         assert min(res["outer_steps"]) > 0 and min(res["bytes_sent_per_replica"]) > 0
 
 
-def test_in_process_collectives_sum_in_rank_order_and_count_wire_bytes():
+def test_in_process_collectives_sum_in_rank_order_and_count_wire_bytes() -> None:
     group = InProcessGroup(3)
     comms = [InProcessBackend(group, r) for r in range(3)]
     xs = [torch.full((4,), float(r + 1)) for r in range(3)]
@@ -111,7 +117,7 @@ def test_in_process_collectives_sum_in_rank_order_and_count_wire_bytes():
     assert [c.bytes_sent for c in comms] == [21 + 16 + 16] * 3
 
 
-def test_waiting_before_every_replica_launched_is_a_clear_error():
+def test_waiting_before_every_replica_launched_is_a_clear_error() -> None:
     group = InProcessGroup(2)
     comms = [InProcessBackend(group, r) for r in range(2)]
     handle = comms[0].all_reduce_sum(torch.ones(2))
@@ -121,3 +127,12 @@ def test_waiting_before_every_replica_launched_is_a_clear_error():
     with pytest.raises(RuntimeError, match="same order"):
         comms[0].all_gather(torch.ones(2))
         comms[1].all_reduce_sum(torch.ones(2))
+
+
+def test_one_thread_per_replica_gives_the_same_run() -> None:
+    """The threaded mode (for exchanges that launch inside wait()) changes nothing else."""
+    plain, plain_snaps = run_simulator("stream_muloco")
+    threaded, threaded_snaps = run_simulator("stream_muloco", replica_threads=True)
+    assert plain["eval_loss"] == threaded["eval_loss"]
+    for step in SNAP_STEPS:
+        assert all(max_diff(a, b) == 0.0 for a, b in zip(plain_snaps[step], threaded_snaps[step]))

@@ -81,7 +81,7 @@ class InProcessGroup:
                 how = (f"within {self.wait_timeout_s:g} s" if self.wait_timeout_s > 0 else
                        "yet: a single-threaded simulator must launch it on every replica before waiting on "
                        "any (run each outer-sync phase for all replicas before the next), or run one thread per "
-                       "replica with InProcessGroup(wait_timeout_s > 0)")
+                       "replica (simulate(replica_threads=True), InProcessGroup(wait_timeout_s > 0))")
                 raise RuntimeError(f"in-process collective #{seq} ({slot.op}): rank {rank} waited, but ranks "
                                    f"{slot.missing()} have not posted {how}")
             if reduce is not None and slot.result is None:

@@ -4,11 +4,13 @@
 
 Each scenario is {"name", "ds_config", "steps", "seed", "micro", "eval_every", "eval_batches",
 "snap_steps"}. This rank writes OUT_DIR/<name>.rank<r>.pt with its module parameters at
-snap_steps, its training loss at every step, train.py-style eval losses, outer steps and bytes.
+snap_steps, its training loss at every step (mean over micro-steps), train.py-style eval
+losses, outer steps and bytes. Batches are indexed as train.py indexes them.
 """
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ def splits() -> TokenSplits:
     return TokenSplits.from_tokens(load_tokens(None)[:200_000], 0.1, BLOCK)
 
 
-def evaluate(engine, data: TokenSplits, micro: int, seed: int, eval_batches: int) -> float:
+def evaluate(engine: Any, data: TokenSplits, micro: int, seed: int, eval_batches: int) -> float:
     """train.py's evaluate(): rank r scores eval batches r, r+W, ...; the mean over all of them."""
     world, rank = dist.get_world_size(), dist.get_rank()
     engine.eval()
@@ -49,12 +51,16 @@ def main() -> None:
         engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"])
         rank = dist.get_rank()
         snapshots, losses, evals = {}, [], []
+        accum = engine.gradient_accumulation_steps()
         for step in range(1, sc["steps"] + 1):
-            x, y = get_batch(data.train, sc["micro"], BLOCK, sc["seed"], rank, step - 1)
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
+            step_loss = 0.0
+            for micro_step in range(accum):
+                x, y = get_batch(data.train, sc["micro"], BLOCK, sc["seed"], rank, (step - 1) * accum + micro_step)
+                loss = engine(x, y)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.item() / accum
+            losses.append(step_loss)
             if step in sc["snap_steps"]:
                 snapshots[step] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
             if step % sc["eval_every"] == 0 or step == sc["steps"]:
