@@ -7,8 +7,11 @@
 For each method and size it times compress (quantize + pack) and decompress (unpack +
 dequantize) of an fp32 tensor and reports GB/s of fp32 input processed, divided by the GB/s of
 `torch.clone` of the same tensor measured in the same run. Medians over reps; 2 threads, as on
-the 2-vCPU machines of DESIGN §5 (naive baseline there: int8 absmax 0.32x, 2-bit min/max +
-pack 0.22x). The compressor's scratch buffers are warm, as they are from the second outer round on.
+the 2-vCPU machines of DESIGN §5. Two "naive" rows time the straightforward versions DESIGN §5
+measured (int8 absmax 0.32x, 2-bit min/max + pack 0.22x at 16M) the same way, as the reference
+to beat. The compressors' scratch buffers are warm, as they are from the second outer round on.
+Note that clone of 16M floats (64 MB) pays fresh-page faults on every call, smaller clones reuse
+freed heap memory: compare rows of one size, not across sizes.
 
 Each operation split over 2 threads waits for both, so on a machine shared with other jobs the
 wall-clock ratios fall apart (a parallel op can cost a whole scheduler slice); the header prints
@@ -32,6 +35,32 @@ from streaming_muloco.compression import make_compressor  # noqa: E402
 
 METHODS: list[tuple[str, int]] = [("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 2),
                                   ("statistical", 4), ("e3m0", 4), ("topk", 32)]
+
+
+def naive_int8_absmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward version DESIGN §5 timed (0.32x clone): the reference to beat."""
+    v = x.view(-1, block)
+    scale = v.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(v / scale).to(torch.int8), scale
+
+
+def naive_int8_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (q.float() * scale).view(-1)
+
+
+def naive_linear2(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Straightforward 2-bit min/max + pack (DESIGN §5: 0.22x clone)."""
+    v = x.view(-1, block)
+    lo, hi = v.amin(dim=1, keepdim=True), v.amax(dim=1, keepdim=True)
+    scale = (hi - lo) / 3
+    q = torch.round((v - lo) / scale).clamp(0, 3).to(torch.uint8).view(-1, 4)
+    return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6), lo, scale
+
+
+def naive_linear2_decode(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    q = ((packed.unsqueeze(1) >> shifts) & 3).view(lo.shape[0], -1)
+    return (q.float() * scale + lo).view(-1)
 
 
 def _sync(device: torch.device) -> None:
@@ -67,6 +96,16 @@ def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float, devi
                          "clone_GBps": gb / clone_s, "compress_GBps": gb / c_s, "decompress_GBps": gb / d_s,
                          "compress_x_clone": clone_s / c_s, "decompress_x_clone": clone_s / d_s})
             comp.release_scratch()
+        if n % (4 * block_size) == 0:  # the naive references, timed the same way
+            naive = (("naive int8 absmax", naive_int8_absmax, naive_int8_decode, 8 + 32 / block_size),
+                     ("naive linear2", naive_linear2, naive_linear2_decode, 2 + 64 / block_size))
+            for name, enc, dec, wire in naive:
+                parts = enc(x, block_size)
+                c_s = median_seconds(lambda: enc(x, block_size), reps, device, clock)
+                d_s = median_seconds(lambda: dec(*parts), reps, device, clock)
+                rows.append({"method": name, "numel": n, "ratio": 32 / wire, "clone_GBps": gb / clone_s,
+                             "compress_GBps": gb / c_s, "decompress_GBps": gb / d_s,
+                             "compress_x_clone": clone_s / c_s, "decompress_x_clone": clone_s / d_s})
         del x
     return rows
 

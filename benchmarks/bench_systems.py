@@ -2,7 +2,8 @@
 
 Two ranks (K=2 x D=1), one per network namespace (benchmarks/netns.py), `small` model, Muon
 inner. For every method the same run is also made with the link unshaped in the same session;
-compute utilisation = tokens/s on the shaped link / tokens/s unshaped. Needs root.
+compute utilisation = steady-state tokens/s (after the first 5 steps) on the shaped link / the same
+unshaped. Needs root.
 
     python benchmarks/bench_systems.py --rates 1gbit 100mbit 20mbit 5mbit --json benchmarks/results/systems.json --plot benchmarks/results/systems.png
 """
@@ -45,7 +46,7 @@ def main() -> int:
             print(f"== link {rate}: achieved {achieved:.0f} Mbit/s", flush=True)
             for name, (config, sets) in METHODS.items():
                 r = run_one(link, config, sets, args.steps, args.model)
-                row = {"rate": rate, "achieved_mbit": achieved, "method": name, "tokens_per_s": r["tokens_per_s"],
+                row = {"rate": rate, "achieved_mbit": achieved, "method": name, "tokens_per_s": r["steady_tokens_per_s"],
                        "bytes_per_step": r.get("bytes_sent_per_rank", 0) / args.steps,
                        "exposed_s": r.get("comm_exposed_s", 0.0), "outer_rounds": r.get("outer_steps", 0)}
                 rows.append(row)

@@ -204,16 +204,20 @@ def split_config(ds_config: dict) -> tuple[dict, StreamingMuLoCoConfig]:
     return ds, parse_section(ds_config.get(SECTION))
 
 
-def load_config(path: str | Path) -> tuple[dict, StreamingMuLoCoConfig]:
-    """Read a DeepSpeed JSON file and split it; errors name the file."""
+def read_json(path: str | Path) -> dict:
+    """The raw DeepSpeed JSON file; a missing file or bad JSON names the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--ds-config '{path}' does not exist; see ds_configs/ for working examples")
     try:
-        raw = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--ds-config '{path}' is not valid JSON: {e}") from None
-    return split_config(raw)
+
+
+def load_config(path: str | Path) -> tuple[dict, StreamingMuLoCoConfig]:
+    """Read a DeepSpeed JSON file and split it; errors name the file."""
+    return split_config(read_json(path))
 
 
 def to_dict(cfg: StreamingMuLoCoConfig) -> dict:

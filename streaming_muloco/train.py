@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, read_json
 from .data import DataError
 
 EVAL_STREAM = 1_000_003  # a data stream no training rank uses
@@ -89,14 +89,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 
 
 def load_ds_config(args: argparse.Namespace) -> dict:
-    path = Path(args.ds_config)
-    if not path.is_file():
-        raise ConfigError(f"--ds-config '{path}' does not exist; see ds_configs/ for working examples")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds-config '{path}' is not valid JSON: {e}") from None
-    config = apply_overrides(config, args.set)
+    config = apply_overrides(read_json(args.ds_config), args.set)
     # "auto" lets one JSON serve any --steps: the schedule length is the run's length.
     sched = config.get("scheduler") or {}
     params = sched.get("params") if isinstance(sched, dict) else None
@@ -173,6 +166,10 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     if args.resume is not None:
         first = resume(engine, args) + 1
     t_start = t_log = time.perf_counter()
+    # Steady-state throughput leaves out the first steps, which pay one-off costs (torch.compile
+    # of DeepSpeed's muon_update takes ~20 s on CPU) that would flatter any ratio of two runs.
+    warm_until = first + min(5, max(0, (args.steps - first) // 5))
+    t_warm = None
     loss_acc, loss_n = 0.0, 0
     for step in range(first, args.steps + 1):
         for micro_step in range(accum):
@@ -182,6 +179,8 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
             engine.step()
             loss_acc += loss.item()
             loss_n += 1
+        if step == warm_until:
+            t_warm = time.perf_counter()
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
             train_loss = loss_acc / loss_n
@@ -212,6 +211,8 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
               "tokens": args.steps * tokens_per_step, "history": history,
               "tokens_per_s": (args.steps - first + 1) * tokens_per_step / elapsed,
+              "steady_tokens_per_s": ((args.steps - warm_until) * tokens_per_step /
+                                      (time.perf_counter() - t_warm)) if t_warm and args.steps > warm_until else None,
               "peak_rss_mb": peak_rss_mb(),
               "outer_steps": engine.outer.outer_steps if engine.outer else 0}
     if engine.outer is not None:
