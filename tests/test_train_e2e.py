@@ -23,5 +23,7 @@ def test_two_rank_data_parallel_adamw_loss_falls_and_logs_tensorboard(tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
     assert result["history"]["eval_loss"][-1][1] < 3.0
     assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file written"
-    assert (out / "checkpoints" / "replica0" / "step40").is_dir()
+    ckpt = out / "checkpoints" / "step40"
+    assert (ckpt / "manifest.json").is_file() and (ckpt / "replica0").is_dir(), sorted(ckpt.parent.iterdir())
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step40"
     assert "eval loss" in res.outputs[0] and "tok/s" in res.outputs[0] and "ETA" in res.outputs[0]

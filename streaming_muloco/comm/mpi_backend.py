@@ -9,13 +9,16 @@ MPI works on host memory, so device tensors are staged through pinned-free host 
 result lands back on the tensor's own device. The job must be launched by `mpirun` (or srun)
 so that MPI's world matches torch.distributed's.
 
-Run with `OMPI_MCA_memory=^patcher` (launch/env.sh sets it): Open MPI's memory patcher hooks
-free/munmap for RDMA registration caches, which TCP does not use, and beside torch's allocator
-it intermittently corrupted the heap at process exit here (about 1 run in 3 of the compressed
-MPI test; 0 in 4 with the patcher off).
+Every request's host buffers stay referenced in a module-level list until MPI reports the
+request complete, not just until its handle is dropped: an engine discarded with a fragment in
+flight otherwise let MPI write into freed memory (heap corruption in the next engine of the same
+process, 3 runs in 4 of the mpirun test before this). launch/env.sh also sets
+`OMPI_MCA_memory=^patcher`: Open MPI's memory hooks serve RDMA registration caches, which TCP
+does not use.
 """
 from __future__ import annotations
 
+import atexit
 import time
 from typing import Any
 
@@ -26,6 +29,29 @@ from .base import CommBackend, Handle, wire_bytes
 
 
 _OUTER_COMMS: dict[tuple[int, int], Any] = {}
+# Every started request with the host buffers MPI reads and writes, until it completes. A handle
+# dropped while in flight (an engine discarded with a fragment still syncing) must not free
+# them: MPI would write into freed memory as later calls progress the request (seen here as
+# heap corruption in the next engine of the same process).
+_PENDING: list[tuple[Any, tuple[np.ndarray, ...]]] = []
+
+
+def _track(req: Any, *buffers: np.ndarray) -> None:
+    _reap()
+    _PENDING.append((req, buffers))
+
+
+def _reap() -> None:
+    """Forget completed requests (each Test also progresses the orphaned ones)."""
+    _PENDING[:] = [(r, b) for r, b in _PENDING if not r.Test()]
+
+
+def _drain_at_exit(deadline_s: float = 30.0) -> None:
+    """Runs before mpi4py's MPI_Finalize (atexit is LIFO): finish what peers are also finishing."""
+    end = time.monotonic() + deadline_s
+    while _PENDING and time.monotonic() < end:
+        _reap()
+        time.sleep(0.001)
 
 
 class PeerTimeoutError(RuntimeError):
@@ -48,6 +74,8 @@ class MPIBackend(CommBackend):
 
     def __init__(self, topo: Any, timeout_s: float) -> None:
         MPI = _import_mpi()
+        if not _OUTER_COMMS:
+            atexit.register(_drain_at_exit)
         world = MPI.COMM_WORLD
         if world.Get_size() != topo.world_size or world.Get_rank() != topo.rank:
             raise RuntimeError(f"streaming_muloco.comm.backend='mpi': MPI sees rank {world.Get_rank()} of "
@@ -85,11 +113,10 @@ class MPIBackend(CommBackend):
         send = self._host(tensor)
         recv = np.empty_like(send)
         req = self.comm.Iallreduce(send, recv, op=self.MPI.SUM)
-        keep = [send]  # MPI reads the send buffer until the request completes: keep it alive
+        _track(req, send, recv)
 
         def finish() -> torch.Tensor:
             self._wait(req, "all_reduce")
-            del keep[:]
             tensor.copy_(torch.from_numpy(recv))
             return tensor
 
@@ -102,11 +129,10 @@ class MPIBackend(CommBackend):
         send = self._host(tensor)
         recv = np.empty((self.size,) + send.shape, dtype=send.dtype)
         req = self.comm.Iallgather(send, recv)
-        keep = [send]  # MPI reads the send buffer until the request completes: keep it alive
+        _track(req, send, recv)
 
         def finish() -> list[torch.Tensor]:
             self._wait(req, "all_gather")
-            del keep[:]
             return [torch.from_numpy(recv[i]).to(tensor.device) for i in range(self.size)]
 
         return Handle(finish, req.Test)
@@ -122,12 +148,11 @@ class MPIBackend(CommBackend):
         send = np.concatenate([self._host(c).reshape(-1) for c in chunks])
         recv = np.empty_like(send)
         req = self.comm.Ialltoall(send, recv)
-        keep = [send]  # MPI reads the send buffer until the request completes: keep it alive
+        _track(req, send, recv)
         device = chunks[0].device
 
         def finish() -> list[torch.Tensor]:
             self._wait(req, "all_to_all")
-            del keep[:]
             return [torch.from_numpy(r).to(device) for r in np.split(recv, self.size)]
 
         return Handle(finish, req.Test)
