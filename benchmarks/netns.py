@@ -99,6 +99,8 @@ def measure_mbit(seconds: float = 2.0) -> float:
 class Link:
     """Context manager: shaped namespaces up on entry, always down on exit."""
 
+    _runs = 0
+
     def __init__(self, n: int, rate: str) -> None:
         self.n, self.rate = n, rate
 
@@ -112,7 +114,8 @@ class Link:
     def run_ranks(self, argv: list[str], env: dict | None = None, timeout: float = 600,
                   cwd: str | Path | None = None) -> list[tuple[int, str]]:
         """One rank per namespace (torch env rendezvous at node 0); returns [(rc, output)]."""
-        port = 29500 + (os.getpid() % 1000)
+        Link._runs += 1  # a fresh rendezvous port per job: no clash with a closing socket
+        port = 29500 + (os.getpid() % 500) + 500 * (Link._runs % 20)
         procs = []
         for i in range(self.n):
             e = dict(os.environ)

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
               "tokens_per_s": (args.steps - first + 1) * tokens_per_step / elapsed,
               "steady_tokens_per_s": ((args.steps - warm_until) * tokens_per_step /
                                       (time.perf_counter() - t_warm)) if t_warm and args.steps > warm_until else None,
-              "peak_rss_mb": peak_rss_mb(),
+              "peak_rss_mb": peak_rss_mb(), "num_params": model.num_params(),
               "outer_steps": engine.outer.outer_steps if engine.outer else 0}
     if engine.outer is not None:
         o = engine.outer
