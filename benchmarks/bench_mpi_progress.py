@@ -2,7 +2,7 @@
 
 Open MPI's TCP transport reports "progress: no": bytes move only inside MPI calls. This measures
 what that costs and what fixes it, with the library's own `MPIBackend` and `Handle.poke()` (the
-code path the engine uses), on 2 ranks under `mpirun`, TCP forced (`--mca btl tcp,self`, so no
+code path the engine uses), on 2 and 4 ranks (K = ranks) under `mpirun`, TCP forced (`--mca btl tcp,self`, so no
 shared-memory shortcut):
 
 - comm alone: `all_gather` of N fp32 started and waited on at once;
@@ -33,14 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def worker(numel: int, repeats: int) -> None:
+    """One rank; every rank is its own replica (K = world size, D = 1)."""
     import torch
 
     from streaming_muloco.comm.mpi_backend import MPIBackend
 
     torch.set_num_threads(1)  # one core per rank: the 2 ranks fill this 2-core machine
     from mpi4py import MPI
-    rank = MPI.COMM_WORLD.Get_rank()
-    topo = SimpleNamespace(world_size=2, rank=rank, num_replicas=2, replica_id=rank, ranks_per_replica=1, shard_id=0)
+    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    topo = SimpleNamespace(world_size=size, rank=rank, num_replicas=size, replica_id=rank, ranks_per_replica=1,
+                           shard_id=0)
     comm = MPIBackend(topo, timeout_s=600)
     x = torch.randn(numel)
     a = torch.randn(192, 192)
@@ -79,12 +81,12 @@ def worker(numel: int, repeats: int) -> None:
         print("RESULT " + json.dumps(row), flush=True)
 
 
-def run(numel: int, repeats: int, progress_thread: bool) -> dict:
+def run(numel: int, repeats: int, progress_thread: bool, ranks: int) -> dict:
     env = dict(os.environ, OMPI_MCA_memory="^patcher", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     if os.geteuid() == 0:  # Open MPI refuses root unless told (as launch/env.sh does)
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     mpirun = str(Path(sys.executable).parent / "mpirun")
-    cmd = [mpirun, "-np", "2", "--oversubscribe", "--bind-to", "none", "--mca", "btl", "tcp,self",
+    cmd = [mpirun, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "tcp,self",
            "--mca", "btl_tcp_progress_thread", "1" if progress_thread else "0",
            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "OMPI_MCA_memory",
            sys.executable, __file__, "--worker", "--numel", str(numel), "--repeats", str(repeats)]
@@ -99,6 +101,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=32 * 2**20, help="fp32 elements each rank contributes")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="world sizes to run (K = ranks)")
     ap.add_argument("--json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -106,15 +109,16 @@ def main() -> int:
         worker(args.numel, args.repeats)
         return 0
     rows = []
-    for pt in (False, True):
-        r = run(args.numel, args.repeats, pt)
-        r["progress_thread"] = pt
-        rows.append(r)
-    print(f"all_gather of {args.numel * 4 / 2**20:.0f} MiB per rank, 2 ranks, TCP over loopback, medians of {args.repeats}")
-    print("| btl_tcp_progress_thread | comm alone (s) | exposed, no poke (s) | exposed, poke (s) | efficiency no poke | "
-          "efficiency poke |\n|---|---:|---:|---:|---:|---:|")
+    for ranks in args.ranks:
+        for pt in (False, True):
+            r = run(args.numel, args.repeats, pt, ranks)
+            r.update(progress_thread=pt, ranks=ranks)
+            rows.append(r)
+    print(f"all_gather of {args.numel * 4 / 2**20:.0f} MiB per rank, TCP over loopback, medians of {args.repeats}")
+    print("| ranks | btl_tcp_progress_thread | comm alone (s) | exposed, no poke (s) | exposed, poke (s) | "
+          "efficiency no poke | efficiency poke |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {int(r['progress_thread'])} | {r['comm_alone_s']:.3f} | {r['no_poke_exposed_s']:.3f} | "
+        print(f"| {r['ranks']} | {int(r['progress_thread'])} | {r['comm_alone_s']:.3f} | {r['no_poke_exposed_s']:.3f} | "
               f"{r['poke_exposed_s']:.3f} | {r['no_poke_efficiency']:.2f} | {r['poke_efficiency']:.2f} |")
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,

@@ -19,6 +19,8 @@ distributed path's own outer loop and is pinned to real DeepSpeed runs by tests/
     # more rows later, with the learning rates tuned above:
     python benchmarks/quality_sweep.py --methods "MuLoCo 4-bit EF,MuLoCo 2-bit EF" \\
         --best-from benchmarks/results/quality.json --json more.json
+    # a wider grid for some methods (--inner-mults / --outer-lrs), or the 2-bit study rows
+    # (STUDY below: EF beta 0.9, as MuLoCo's code, linear 2-bit, block 64, no EF), named with --methods.
 """
 from __future__ import annotations
 
@@ -52,6 +54,22 @@ METHODS: dict[str, tuple[str, dict]] = {
     **{name: ("muloco_cpu.json", {"compression": {"method": "statistical", "bits": bits, "error_feedback": True}})
        for name, bits in COMPRESSED.items()},
 }
+# 2-bit variants for the error-feedback study: only run when named with --methods. Each changes
+# one thing against "MuLoCo 2-bit EF" (statistical, block 256, beta 1).
+STUDY: dict[str, tuple[str, dict]] = {
+    "MuLoCo 2-bit EF beta 0.9": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, "ef_beta": 0.9}}),
+    "MuLoCo 2-bit linear EF": ("muloco_cpu.json", {"compression": {
+        "method": "linear", "bits": 2, "error_feedback": True}}),
+    "MuLoCo 2-bit EF block 64": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, "block_size": 64}}),
+    "MuLoCo 2-bit EF beta 0.9 eta-scaled": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, "ef_beta": 0.9, "ef_scale_by_outer_lr": True}}),
+    "MuLoCo 2-bit no EF": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": False}}),
+}
+METHODS.update(STUDY)
+TUNE_WITH_MULOCO = set(COMPRESSED) | set(STUDY)  # compressed rows inherit MuLoCo's rates unless tuned
 INNER_MULTS, OUTER_LRS = (0.5, 1.0, 2.0), (0.5, 0.8)
 
 
@@ -151,18 +169,21 @@ def compression_check(bits: int) -> tuple[bool, str]:
     return True, f"{comms[0].bytes_sent} B on the wire for {n} floats (fp32 all-reduce: {fp32} B)"
 
 
-def tune(methods: list[str], s: Settings, splits: TokenSplits, seed: int) -> tuple[dict[str, Hyper], list[dict]]:
-    """Grid on K=2; the best final eval loss per method (compressed variants follow MuLoCo)."""
+def tune(methods: list[str], s: Settings, splits: TokenSplits, seed: int, inner_mults: tuple[float, ...] = INNER_MULTS,
+         outer_lrs: tuple[float, ...] = OUTER_LRS, tune_compressed: bool = False) -> tuple[dict[str, Hyper], list[dict]]:
+    """Grid on K=2; the best final eval loss per method (compressed variants follow MuLoCo
+    unless `tune_compressed`)."""
     print("== tuning on K=2", flush=True)
     rows, best = [], {}
-    for method in [m for m in methods if m not in COMPRESSED]:
-        grid = [Hyper(m, o) for m in INNER_MULTS for o in (OUTER_LRS if is_outer(method) else (None,))]
+    for method in [m for m in methods if tune_compressed or m not in TUNE_WITH_MULOCO]:
+        grid = [Hyper(m, o) for m in inner_mults for o in (outer_lrs if is_outer(method) else (None,))]
         results = [run_one(method, 2, hp, s, splits, seed) for hp in grid]
         rows += results
         scores = [r["final_eval_loss"] if math.isfinite(r["final_eval_loss"]) else math.inf for r in results]
         best[method] = grid[scores.index(min(scores))]
-    for method in COMPRESSED:
-        best[method] = best.get("MuLoCo", Hyper())
+    if "MuLoCo" in best:
+        for method in TUNE_WITH_MULOCO:
+            best.setdefault(method, best["MuLoCo"])
     return best, rows
 
 
@@ -214,6 +235,11 @@ def main() -> int:
     ap.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",")],
                     help=f"comma-separated subset of: {', '.join(METHODS)}")
     ap.add_argument("--best-from", help="take the tuned learning rates from an earlier --json result")
+    floats = lambda v: tuple(float(x) for x in v.split(","))  # noqa: E731
+    ap.add_argument("--inner-mults", type=floats, default=INNER_MULTS, help="--tune grid of inner lr multipliers")
+    ap.add_argument("--outer-lrs", type=floats, default=OUTER_LRS, help="--tune grid of outer learning rates")
+    ap.add_argument("--tune-compressed", action="store_true",
+                    help="--tune the compressed rows too (default: they take MuLoCo's rates)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", help="write meta, tuning and results here")
     ap.add_argument("--plot", help="PNG of eval loss vs tokens, one panel per K")
@@ -226,7 +252,7 @@ def main() -> int:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
-    methods = [m for m in METHODS if m not in COMPRESSED]
+    methods = [m for m in METHODS if m not in COMPRESSED and m not in STUDY]
     checks = {bits: compression_check(bits) for bits in COMPRESSED.values()}
     for name, bits in COMPRESSED.items():
         ok, why = checks[bits]
@@ -238,16 +264,19 @@ def main() -> int:
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown:
             ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-        methods = [m for m in methods if m in args.methods]
+        methods = [m for m in methods + list(STUDY) if m in args.methods]
     tokens = load_tokens(None)
     splits = TokenSplits.from_tokens(tokens, 0.05, s.block)
     best: dict[str, Hyper] = {m: Hyper() for m in methods}
     if args.best_from:
         earlier = json.loads(Path(args.best_from).read_text())["meta"]["best"]
         best.update({m: Hyper(**earlier[m]) for m in methods if m in earlier})
+        best.update({m: Hyper(**earlier["MuLoCo"]) for m in methods if m in STUDY and m not in earlier
+                     and "MuLoCo" in earlier})
     tuning: list[dict] = []
     if args.tune:
-        best, tuning = tune(methods, s, splits, args.seed)
+        tuned, tuning = tune(methods, s, splits, args.seed, args.inner_mults, args.outer_lrs, args.tune_compressed)
+        best.update({m: hp for m, hp in tuned.items() if m in methods})
     reuse = {(r["method"], r["K"], r["inner_mult"], r["outer_lr"]): r for r in tuning}
     print("== sweep", flush=True)
     results = []
@@ -265,6 +294,7 @@ def main() -> int:
             "settings": dataclasses.asdict(s), "seed": args.seed, "model": "tiny (2 layers, n_embd 64)",
             "compression_check": {str(b): why for b, (_, why) in checks.items()},
             "best": {m: dataclasses.asdict(hp) for m, hp in best.items()},
+            "grid": {"inner_mults": args.inner_mults, "outer_lrs": args.outer_lrs} if args.tune else None,
             "seconds": round(time.perf_counter() - t_start, 1)}
     if args.plot:
         print(plot(results, s.ks, args.plot))

@@ -164,6 +164,19 @@ class OuterSync:
         for tag, value in self.exchange.last_stats(p).items():
             m.scalar(tag, value, step)
 
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the outer loop (theta_g, outer momentum, EF residuals) next
+        to its fp32 shard: the outer state must scale with the ZeRO shard, never the model."""
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        shard = sum(nbytes(f.theta_g) for f in self.fragments)
+        momentum = sum(nbytes(f.outer_opt.momentum_buffer) for f in self.fragments)
+        efs = [e for per_frag in self.exchange.ef for e in per_frag] + list(self.exchange.ef_second)
+        ef = sum(nbytes(e.residual) for e in efs)
+        return {"shard_fp32": shard, "theta_g": shard, "outer_momentum": momentum, "error_feedback": ef,
+                "total": shard + momentum + ef}
+
     # ---- checkpoint state -------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue bit for bit, fragments in flight included.
