@@ -10,8 +10,8 @@ fi
 if [[ "$(id -u)" == "0" ]]; then  # Open MPI refuses root unless told
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
-# Open MPI's memory patcher hooks free/munmap for RDMA registration caches (not used over TCP);
-# beside torch's allocator it intermittently corrupted the heap at exit on this machine.
+# Open MPI's memory patcher hooks free/munmap for RDMA registration caches, which TCP does not
+# use; it is switched off so that only torch's allocator manages host memory.
 export OMPI_MCA_memory=${OMPI_MCA_memory:-^patcher}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::UserWarning}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

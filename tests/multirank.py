@@ -36,7 +36,7 @@ def base_env(extra: dict | None = None) -> dict:
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         # Open MPI's memory patcher (hooks on free/munmap for RDMA registration caches, unused
-        # over TCP) intermittently corrupted the heap beside torch's allocator at exit here.
+        # over TCP) is switched off, as launch/env.sh does.
         "OMPI_MCA_memory": "^patcher",
     })
     env.update(extra or {})
