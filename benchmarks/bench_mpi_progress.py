@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from multirank import run_mpirun  # noqa: E402  (the test harness's mpirun: env, root, OMPI settings)
 
 
 def worker(numel: int, repeats: int) -> None:
@@ -82,18 +83,12 @@ def worker(numel: int, repeats: int) -> None:
 
 
 def run(numel: int, repeats: int, progress_thread: bool, ranks: int) -> dict:
-    env = dict(os.environ, OMPI_MCA_memory="^patcher", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    if os.geteuid() == 0:  # Open MPI refuses root unless told (as launch/env.sh does)
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    mpirun = str(Path(sys.executable).parent / "mpirun")
-    cmd = [mpirun, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "tcp,self",
-           "--mca", "btl_tcp_progress_thread", "1" if progress_thread else "0",
-           "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "OMPI_MCA_memory",
-           sys.executable, __file__, "--worker", "--numel", str(numel), "--repeats", str(repeats)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"mpirun failed (rc {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    res = run_mpirun(ranks, [__file__, "--worker", "--numel", str(numel), "--repeats", str(repeats)], timeout=900,
+                     mpi_args=["--mca", "btl", "tcp,self",
+                               "--mca", "btl_tcp_progress_thread", "1" if progress_thread else "0"])
+    lines = [ln for ln in res.outputs[0].splitlines() if ln.startswith("RESULT ")]
+    if not res.ok or not lines:
+        raise SystemExit(f"mpirun failed:\n{res.describe()}")
     return json.loads(lines[0][len("RESULT "):])
 
 

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overlap import REPO, run_one  # noqa: E402
 from netns import Link, measure_mbit  # noqa: E402
 
+from streaming_muloco.comm.base import wire_bytes  # noqa: E402
+
 H = 30
 METHODS = {
     "DDP (DeepSpeed DP)": ("ds_configs/dp_muon_cpu.json", []),
@@ -51,8 +53,8 @@ def main() -> int:
             for name, (config, sets) in METHODS.items():
                 r = run_one(link, config, sets, args.steps, args.model)
                 # DDP's bytes are not counted by our comm layer (DeepSpeed moves them): give the
-                # ring all-reduce of every fp32 gradient, 2(W-1)/W * 4 * params, as issue 5 does.
-                ddp_bytes = 2 * (2 - 1) / 2 * 4 * r["num_params"]
+                # ring all-reduce of every fp32 gradient over the 2 ranks, as issue 5 does.
+                ddp_bytes = wire_bytes("all_reduce", 4 * r["num_params"], 2)
                 row = {"rate": rate, "achieved_mbit": achieved, "method": name, "tokens_per_s": r["steady_tokens_per_s"],
                        "bytes_per_step": (r["bytes_sent_per_rank"] / args.steps if "bytes_sent_per_rank" in r
                                           else ddp_bytes),

@@ -101,20 +101,14 @@ def test_truncated_checkpoint_file_is_named_and_refused(tmp_path, uninterrupted)
     assert "Traceback" not in res.outputs[0]
 
 
-def test_resume_with_a_different_topology_is_refused(tmp_path, uninterrupted):
+@pytest.mark.parametrize("key, expected", [
+    ("num_replicas", "it was saved with num_replicas=2 but this run has num_replicas=1"),
+    ("num_fragments", "num_fragments=2 but this run has num_fragments=1")])
+def test_resume_with_a_different_topology_or_fragment_count_is_refused(tmp_path, uninterrupted, key, expected):
     out = _copy_run(uninterrupted, tmp_path / "run")
-    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume", "--set", "streaming_muloco.num_replicas=1"],
-                    timeout=300)
+    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume", "--set", f"streaming_muloco.{key}=1"], timeout=300)
     assert res.returncodes[0] == 2
-    assert "it was saved with num_replicas=2 but this run has num_replicas=1" in res.outputs[0]
-
-
-def test_resume_with_a_different_fragment_count_is_refused(tmp_path, uninterrupted):
-    out = _copy_run(uninterrupted, tmp_path / "run")
-    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume", "--set", "streaming_muloco.num_fragments=1"],
-                    timeout=300)
-    assert res.returncodes[0] == 2
-    assert "num_fragments=2 but this run has num_fragments=1" in res.outputs[0]
+    assert expected in res.outputs[0]
 
 
 PEER_ARGS = [a for a in ARGS] + ["--steps", "400", "--no-save", "--set", "streaming_muloco.sync_every=1",
