@@ -60,6 +60,14 @@ def snapshots(tmp_path_factory):
 
 
 def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]:
+    """`_reference` with Newton-Schulz in fp32, as in the worker (tests/workers/ns_precision.py)."""
+    from workers.ns_precision import newton_schulz_fp32
+
+    with newton_schulz_fp32():
+        return _reference(opt, K, D, outer)
+
+
+def _reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]:
     """Single-process (Streaming) DiLoCo/MuLoCo: K model copies, each fed the batches of its D ranks.
 
     Outer syncs follow DESIGN §1 literally: fragment p starts after steps t with

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import streaming_muloco
 from streaming_muloco.data import get_batch, load_tokens
 from streaming_muloco.model import build_model
+from ns_precision import newton_schulz_fp32
 
 BLOCK = 32
 
@@ -45,4 +46,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with newton_schulz_fp32():  # as the reference in tests/test_outer_loop_multirank.py
+        main()
