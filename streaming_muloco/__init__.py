@@ -3,7 +3,8 @@
 Nothing is imported eagerly beyond the config: importing the package starts no process
 group and does not import DeepSpeed.
 """
-from .config import ConfigError, StreamingMuLoCoConfig
+from .config import StreamingMuLoCoConfig
+from .errors import ConfigError, UserError
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,4 @@ def initialize(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards to engine.in
     return _initialize(*args, **kwargs)
 
 
-__all__ = ["initialize", "ConfigError", "StreamingMuLoCoConfig", "__version__"]
+__all__ = ["initialize", "UserError", "ConfigError", "StreamingMuLoCoConfig", "__version__"]

@@ -27,13 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .errors import CheckpointError
 
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is missing, corrupt, or does not match this run; the user must act."""
 
 
 def fingerprint(engine: Any) -> dict[str, Any]:
@@ -154,7 +150,6 @@ def load(engine: Any, path: Path) -> int:
     state = torch.load(path / tag / f"rank_state{engine.shard_id}.pt", weights_only=False)
     engine.inner_steps = state["inner_steps"]
     if engine.outer is not None:
-        engine.rebind_shard()  # DeepSpeed may have replaced the fp32 partitions it loaded into
         engine.outer.load_state_dict(state["outer"])
     _set_rng_state(state["rng"])
     if engine.inner_steps != manifest["step"]:

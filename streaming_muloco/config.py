@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import ConfigError
+
 SECTION = "streaming_muloco"
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +199,14 @@ def split_config(ds_config: dict) -> tuple[dict, StreamingMuLoCoConfig]:
         raise ConfigError("the DeepSpeed config must be a JSON object")
     ds = {k: v for k, v in ds_config.items() if k != SECTION}
     check_deepspeed_keys(ds)
-    return ds, parse_section(ds_config.get(SECTION))
+    cfg = parse_section(ds_config.get(SECTION))
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if cfg.enabled and stage not in (1, 2):
+        raise ConfigError(f"zero_optimization.stage ({stage}) must be 1 or 2 with the {SECTION} outer loop: it "
+                          f"works on ZeRO's partitioned fp32 master weights; set \"zero_optimization\": "
+                          f"{{\"stage\": 1}}")
+    return ds, cfg
 
 
 def read_json(path: str | Path) -> dict:

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 BUNDLED_CORPUS = "shakespeare"
+EVAL_STREAM = 1_000_003  # the data stream of held-out batches: no training rank uses it
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
-
-
-class DataError(ValueError):
-    """A data path or format problem a user can fix."""
 
 
 class ByteTokenizer:

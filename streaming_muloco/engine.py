@@ -90,16 +90,9 @@ class StreamingMuLoCoEngine:
             named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
             fragments = assign_fragments([n for n, _ in named], cfg.num_fragments, strategy=cfg.fragment_strategy)
             shard = ZeroShard(engine.optimizer, named, fragments)
-            self._named = named
             comm = make_backend(cfg.comm.backend, topo, cfg.comm.timeout_s)
             self.fragments = fragments
             self.outer = OuterSync(cfg, topo, shard, comm, metrics)
-
-    def rebind_shard(self) -> None:
-        """Re-point the outer loop at DeepSpeed's fp32 partitions (after load_checkpoint)."""
-        from .zero_shard import ZeroShard
-
-        self.outer.shard = ZeroShard(self.engine.optimizer, self._named, self.fragments)
 
     def save_checkpoint(self, save_dir: str | Path, step: int | None = None) -> Path:
         """Atomic checkpoint of everything, DeepSpeed's state and ours, as save_dir/step{N}.
@@ -141,7 +134,7 @@ class StreamingMuLoCoEngine:
         if not bool(torch.isfinite(loss.detach()).all()):
             where = f"rank {self.topo.rank} (replica {self.topo.replica_id}) inner step {self.inner_steps + 1}"
             if self.cfg.nonfinite_policy == "error":
-                from .outer_sync import NonFiniteError
+                from .errors import NonFiniteError
                 raise NonFiniteError(f"{where}: the loss is {loss.item()} (streaming_muloco.nonfinite_policy="
                                      f"'error'); restart from the last checkpoint with --resume, perhaps with a "
                                      f"lower learning rate")

@@ -9,11 +9,9 @@ import re
 import sys
 from pathlib import Path
 
+from .errors import HostfileError
+
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+)\s+slots=(?P<slots>\d+)\s*$")
-
-
-class HostfileError(ValueError):
-    pass
 
 
 def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .collectives import PseudoGradExchange
 from .comm.base import Handle
 from .config import StreamingMuLoCoConfig
+from .errors import NonFiniteError
 from .metrics import MetricsLogger
 from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
 from .schedule import FragmentSchedule
@@ -46,10 +47,6 @@ def _dot_stats(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> torch.
         x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
         out += torch.stack([x.dot(x), y.dot(y), x.dot(y)])
     return out
-
-
-class NonFiniteError(RuntimeError):
-    """A pseudo-gradient held NaN/inf and the policy is 'error'."""
 
 
 @dataclass

@@ -32,13 +32,12 @@ import torch
 from .comm.base import wire_bytes
 from .comm.inprocess import InProcessBackend, InProcessGroup
 from .config import SECTION, ConfigError, split_config
-from .data import TokenSplits, get_batch, load_tokens
+from .data import EVAL_STREAM, TokenSplits, get_batch, load_tokens
 from .fragments import assign_fragments
 from .metrics import MetricsLogger
 from .model import GPT, build_model
 from .outer_sync import OuterSync
 from .topology import Topology
-from .train import EVAL_STREAM
 
 StepCallback = Callable[[int, list[GPT]], None]
 

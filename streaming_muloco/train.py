@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, read_json
-from .data import DataError
-
-EVAL_STREAM = 1_000_003  # a data stream no training rank uses
+from .config import read_json
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,7 +110,7 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     resolve_config(ds_config)
     import torch
 
-    from .data import TokenSplits, get_batch, load_tokens
+    from .data import EVAL_STREAM, TokenSplits, get_batch, load_tokens
     from .model import build_model
 
     overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head),
@@ -264,17 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     engine_ref: list[Any] = []
     try:
         run(args, engine_ref)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         # One line, from one rank, no traceback: these are the user's to fix.
         if rank == "0" or not engine_ref:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        _exit(2)
+        _exit(e.exit_code)
+    except NonFiniteError as e:  # raised by the replica that saw it
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - every rank must say where it stopped, then leave
-        from .outer_sync import NonFiniteError
-
-        if isinstance(e, NonFiniteError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            _exit(3)
         if not _is_comm_failure(e):
             raise
         phase = engine_ref[0].phase if engine_ref else "start-up"

@@ -54,8 +54,16 @@ def test_missing_section_means_plain_data_parallel():
 
 
 def test_section_is_removed_from_what_deepspeed_sees():
-    ds, cfg = split_config({"train_micro_batch_size_per_gpu": 1, "streaming_muloco": {"num_replicas": 2}})
+    ds, cfg = split_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+                            "streaming_muloco": {"num_replicas": 2}})
     assert "streaming_muloco" not in ds and cfg.num_replicas == 2
+
+
+@pytest.mark.parametrize("zero, shown", [({}, "0"), ({"zero_optimization": {"stage": 3}}, "3")])
+def test_outer_loop_needs_zero_stage_1_or_2(zero, shown):
+    with pytest.raises(ConfigError, match=rf"zero_optimization\.stage \({shown}\) must be 1 or 2 with the "
+                                          rf"streaming_muloco outer loop"):
+        split_config({**zero, "streaming_muloco": {"num_replicas": 2}})
 
 
 @pytest.mark.parametrize("world, section, message", [

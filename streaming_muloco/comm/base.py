@@ -80,14 +80,3 @@ def wire_bytes(op: str, nbytes: int, size: int) -> int:
     if op == "all_to_all":
         return (size - 1) * nbytes // size
     raise ValueError(f"unknown collective {op}")
-
-
-def make_backend(name: str, topo: Any, timeout_s: float) -> CommBackend:
-    """Build the configured backend for this rank's outer group."""
-    if name == "torch":
-        from .torch_backend import TorchBackend
-        return TorchBackend(topo)
-    if name == "mpi":
-        from .mpi_backend import MPIBackend
-        return MPIBackend(topo, timeout_s)
-    raise ValueError(f"streaming_muloco.comm.backend '{name}' is unknown; use 'torch' or 'mpi'")

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 
 import streaming_muloco
-from streaming_muloco.data import TokenSplits, get_batch, load_tokens
+from streaming_muloco.data import EVAL_STREAM, TokenSplits, get_batch, load_tokens
 from streaming_muloco.model import build_model
-from streaming_muloco.train import EVAL_STREAM
 
 BLOCK = 32
 
