@@ -1,4 +1,4 @@
-"""Compression kernel throughput as a ratio to a plain tensor copy (DESIGN §4, "Kernels").
+"""Compression kernel throughput as a ratio to a plain tensor copy (docs/design.md §8, "Kernels").
 
     /tmp/venv/bin/python benchmarks/bench_compression.py --quick
     /tmp/venv/bin/python benchmarks/bench_compression.py --json benchmarks/results/compression.json
@@ -7,7 +7,7 @@
 For each method and size it times compress (quantize + pack) and decompress (unpack +
 dequantize) of an fp32 tensor and reports GB/s of fp32 input processed, divided by the GB/s of
 `torch.clone` of the same tensor measured in the same run. Medians over reps; 2 threads, as on
-the 2-vCPU machines of DESIGN §5. Two "naive" rows time the straightforward versions DESIGN §5
+the 2-vCPU machines of docs/design.md §8. Two "naive" rows time the straightforward versions docs/design.md §8
 measured (int8 absmax 0.32x, 2-bit min/max + pack 0.22x at 16M) the same way, as the reference
 to beat. The compressors' scratch buffers are warm, as they are from the second outer round on.
 Note that clone of 16M floats (64 MB) pays fresh-page faults on every call, smaller clones reuse
@@ -38,7 +38,7 @@ METHODS: list[tuple[str, int]] = [("linear", 8), ("linear", 4), ("linear", 2), (
 
 
 def naive_int8_absmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straightforward version DESIGN §5 timed (0.32x clone): the reference to beat."""
+    """The straightforward version docs/design.md §8 timed (0.32x clone): the reference to beat."""
     v = x.view(-1, block)
     scale = v.abs().amax(dim=1, keepdim=True) / 127
     return torch.round(v / scale).to(torch.int8), scale
@@ -49,7 +49,7 @@ def naive_int8_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def naive_linear2(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Straightforward 2-bit min/max + pack (DESIGN §5: 0.22x clone)."""
+    """Straightforward 2-bit min/max + pack (docs/design.md §8: 0.22x clone)."""
     v = x.view(-1, block)
     lo, hi = v.amin(dim=1, keepdim=True), v.amax(dim=1, keepdim=True)
     scale = (hi - lo) / 3

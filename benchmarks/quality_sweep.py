@@ -1,7 +1,7 @@
-"""Quality at equal tokens (DESIGN §4): DP-AdamW, DP-Muon, DiLoCo, MuLoCo, Streaming MuLoCo and
+"""Quality at equal tokens (docs/design.md §8): DP-AdamW, DP-Muon, DiLoCo, MuLoCo, Streaming MuLoCo and
 MuLoCo with 4-/2-bit error-feedback compression, for K replicas in {1, 2, 4, 8}.
 
-Every run uses the single-process simulator (streaming_muloco/simulator.py), which calls the
+Every run uses the single-process simulator (streaming_muloco/sim/), which calls the
 distributed path's own outer loop and is pinned to real DeepSpeed runs by tests/test_simulator.py.
 - Equal tokens: a global batch of G sequences per step is split across the K workers (micro
   batch G/K), so every method and every K sees G*block tokens per step. DP runs over K ranks.
@@ -40,7 +40,7 @@ import torch
 
 from streaming_muloco.comm.base import wire_bytes
 from streaming_muloco.data import TokenSplits, load_tokens
-from streaming_muloco.simulator import simulate
+from streaming_muloco.sim import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 COMPRESSED = {"MuLoCo 4-bit EF": 4, "MuLoCo 2-bit EF": 2}
@@ -147,8 +147,8 @@ def compression_check(bits: int) -> tuple[bool, str]:
     """
     try:
         from streaming_muloco.collectives import PseudoGradExchange
-        from streaming_muloco.comm.inprocess import InProcessBackend, InProcessGroup
         from streaming_muloco.config import parse_section
+        from streaming_muloco.sim.inprocess import InProcessBackend, InProcessGroup
 
         cfg = parse_section({"num_replicas": 2, **METHODS["MuLoCo 4-bit EF"][1]}).compression
         cfg = dataclasses.replace(cfg, bits=bits)
@@ -156,7 +156,7 @@ def compression_check(bits: int) -> tuple[bool, str]:
         comms = [InProcessBackend(group, r) for r in range(2)]
         exchanges = [PseudoGradExchange(cfg, c, num_fragments=1) for c in comms]
         n = 1 << 14
-        handles = [ex.launch(0, torch.randn(n, generator=torch.Generator().manual_seed(r)))
+        handles = [ex.send(0, ex.encode(0, torch.randn(n, generator=torch.Generator().manual_seed(r))))
                    for r, ex in enumerate(exchanges)]
         for h in handles:
             h.wait()

@@ -1,18 +1,26 @@
-"""Averaging pseudo-gradients across replicas, compressed or not (DESIGN §1, collectives).
+"""Averaging pseudo-gradients across replicas, compressed or not (docs/design.md §1 and §5).
 
-- method "none": an fp32 all-reduce (sum, then / K).
+Two calls per fragment sync, so the outer loop can hand what was computed to its observer
+between them: `encode` (error feedback + compression) and `send` (launch the collective; the
+handle's `wait()` returns the mean over the K replicas).
+
+- method "none": an fp32 all-reduce of the pseudo-gradient buffer itself, in place (sum, then
+  / K). Nothing is copied, so this rank's contribution is gone once the collective runs.
 - compressed, "single_phase": error feedback -> compress -> all-gather the packed payloads ->
-  every rank decodes the K payloads and averages them (in replica order, so all agree bit for
-  bit). Each rank sends (K-1) compressed vectors' worth under the ring model.
-- compressed, "two_phase": the vector is cut in K chunks (block-aligned); chunk j of every
-  replica goes to replica j (all-to-all of payloads), which decodes and averages them in fp32,
-  re-compresses that mean with its own error feedback, and all-gathers it. Each rank sends
-  about 2*(K-1)/K of one compressed vector. The second phase is launched as soon as the first
-  is seen complete (by `poke()` during inner steps, or at the latest in `wait()`).
+  every rank decodes the K payloads and averages them in replica order, so all agree bit for
+  bit. This rank's own payload is not decoded again: error feedback already produced exactly
+  what the others decode from it (`Encoded.own`), and that tensor takes its place in the sum.
+  Each rank sends (K-1) compressed vectors' worth under the ring model.
+- compressed, "two_phase": the vector is cut in K chunks (aligned to the compressor's blocks);
+  chunk j of every replica goes to replica j (all-to-all of payloads), which decodes and
+  averages them in fp32, re-compresses that mean with its own error feedback, and all-gathers
+  it. Each rank sends about 2*(K-1)/K of one compressed vector. The second phase is launched
+  as soon as the first is seen complete (by `poke()` during inner steps, or in `wait()`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,27 +31,64 @@ from .config import CompressionConfig
 from .error_feedback import ErrorFeedback
 
 
-def _mean_of_payloads(compressor: Compressor, bufs: list[torch.Tensor], numel: int) -> torch.Tensor:
-    """Decode K flat payloads and average them in rank order (deterministic on every rank)."""
-    total = compressor.decompress(compressor.unflatten(bufs[0], numel)).clone()
-    for buf in bufs[1:]:
-        total.add_(compressor.decompress(compressor.unflatten(buf, numel)))
+@dataclass
+class Encoded:
+    """One fragment's pseudo-gradient, ready for the wire.
+
+    `own` is this replica's contribution to the mean exactly as every receiver decodes it,
+    as pieces in element order (one per two-phase chunk; the last may run past `numel` into
+    the padding); None for the uncompressed path, whose buffer the all-reduce overwrites.
+    """
+
+    wire: Any  # what the collective sends: a tensor (all-reduce, all-gather) or K chunks (all-to-all)
+    numel: int
+    payload_bytes: int
+    own: list[torch.Tensor] | None = None
+    residuals: list[torch.Tensor] = field(default_factory=list)  # error feedback after this round
+
+
+def _mean_of_payloads(compressor: Compressor, bufs: list[torch.Tensor], numel: int, own_index: int,
+                      own: torch.Tensor) -> torch.Tensor:
+    """Decode K flat payloads and average them in rank order (deterministic on every rank).
+
+    Slot `own_index` is this rank's payload, whose decoded value `own` is already known.
+    """
+    total: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    for j, buf in enumerate(bufs):
+        if j == own_index:
+            value = own
+        else:
+            payload = compressor.unflatten(buf, numel)
+            if total is None:  # the first decode becomes the running sum: no copy needed
+                value = compressor.decompress(payload)
+            else:
+                scratch = compressor.decompress(payload, out=scratch)
+                value = scratch
+        if total is None:
+            total = value.clone() if j == own_index else value
+            if scratch is None:
+                scratch = torch.empty_like(total)
+        else:
+            total.add_(value)
+    assert total is not None
     return total.div_(len(bufs))
 
 
 class _TwoPhase(Handle):
     """all-to-all of chunk payloads, then (once that is done) all-gather of re-compressed means."""
 
-    def __init__(self, exchange: "PseudoGradExchange", fragment_id: int, numel: int, first: Handle) -> None:
+    def __init__(self, exchange: "PseudoGradExchange", fragment_id: int, enc: Encoded, first: Handle) -> None:
         super().__init__(self._finish)
-        self.x, self.p, self.numel, self.first = exchange, fragment_id, numel, first
+        self.x, self.p, self.numel, self.first = exchange, fragment_id, enc.numel, first
+        self.own_chunk = enc.own[exchange.comm.rank]  # this rank's chunk as its receiver decodes it
         self.second: Handle | None = None
+        self.own_mean: torch.Tensor | None = None
 
     def _launch_second(self) -> None:
-        x, chunk = self.x, self.x.chunk_numel(self.numel)
-        received = self.first.wait()
-        mean_chunk = _mean_of_payloads(x.compressor, received, chunk)
-        payload, _ = x.ef_second[self.p].step(mean_chunk, x.compressor)
+        x, chunk, k = self.x, self.x.chunk_numel(self.numel), self.x.comm.rank
+        mean_chunk = _mean_of_payloads(x.compressor, self.first.wait(), chunk, k, self.own_chunk)
+        payload, self.own_mean = x.ef_second[self.p].step(mean_chunk, x.compressor)
         self.second = x.comm.all_gather(payload.to_flat_bytes())
 
     def poke(self) -> None:
@@ -55,13 +100,19 @@ class _TwoPhase(Handle):
     def _finish(self) -> torch.Tensor:
         if self.second is None:
             self._launch_second()
-        chunk = self.x.chunk_numel(self.numel)
-        parts = [self.x.compressor.decompress(self.x.compressor.unflatten(b, chunk)) for b in self.second.wait()]
-        return torch.cat(parts)[: self.numel]
+        chunk, k, c = self.x.chunk_numel(self.numel), self.x.comm.rank, self.x.compressor
+        gathered = self.second.wait()
+        out = torch.empty(chunk * len(gathered), dtype=torch.float32, device=gathered[0].device)
+        for j, buf in enumerate(gathered):
+            if j == k:
+                out[j * chunk:(j + 1) * chunk].copy_(self.own_mean)
+            else:
+                c.decompress(c.unflatten(buf, chunk), out=out[j * chunk:(j + 1) * chunk])
+        return out[: self.numel]
 
 
 class PseudoGradExchange:
-    """Launch the averaging of one fragment's pseudo-gradient; the handle yields the mean.
+    """Encode and launch the averaging of one fragment's pseudo-gradient.
 
     Holds the per-fragment error-feedback buffers (first phase, and for two-phase the
     re-compression of this rank's chunk), so they are saved with the outer state.
@@ -83,51 +134,52 @@ class PseudoGradExchange:
         # chunks are block-aligned, so this equals EF over the whole vector).
         self.ef = [[ef() for _ in range(self.K if two else 1)] for _ in range(num_fragments)]
         self.ef_second = [ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback) for _ in range(num_fragments)]
-        self._stats: dict[int, dict[str, float]] = {}
 
     def chunk_numel(self, numel: int) -> int:
-        """Elements per two-phase chunk: ceil(numel/K), rounded up to whole blocks."""
-        block = self.cfg.block_size if self.cfg.method in ("linear", "statistical", "e3m0") else 1
-        return max(block, math.ceil(math.ceil(numel / self.K) / block) * block)
+        """Elements per two-phase chunk: ceil(numel/K), rounded up to the compressor's alignment."""
+        align = self.cfg.block_size if self.cfg.method in ("linear", "statistical", "e3m0") else 1
+        return max(align, math.ceil(math.ceil(numel / self.K) / align) * align)
 
-    def launch(self, fragment_id: int, delta: torch.Tensor) -> Handle:
+    def encode(self, fragment_id: int, delta: torch.Tensor) -> Encoded:
+        """Error feedback and compression of `delta` (flat fp32); `delta` itself is not changed."""
+        n = delta.numel()
         if self.compressor is None:
-            send = delta.clone()
-            work = self.comm.all_reduce_sum(send)
-            self._stats[fragment_id] = {"comm/payload_bytes": float(send.numel() * send.element_size())}
+            return Encoded(wire=delta, numel=n, payload_bytes=n * delta.element_size())
+        efs = self.ef[fragment_id]
+        if self.cfg.collective == "single_phase":
+            payload, sent = efs[0].step(delta, self.compressor)
+            return Encoded(wire=payload.to_flat_bytes(), numel=n, payload_bytes=payload.nbytes, own=[sent],
+                           residuals=_residuals(efs))
+        chunk = self.chunk_numel(n)
+        wire, own, nbytes = [], [], 0
+        for j in range(self.K):
+            piece = delta[j * chunk:(j + 1) * chunk]
+            if piece.numel() < chunk:  # only the tail chunk is padded, with exact zeros
+                padded = torch.zeros(chunk, dtype=torch.float32, device=delta.device)
+                padded[:piece.numel()] = piece
+                piece = padded
+            payload, sent = efs[j].step(piece, self.compressor)
+            wire.append(payload.to_flat_bytes())
+            own.append(sent)
+            nbytes += payload.nbytes
+        return Encoded(wire=wire, numel=n, payload_bytes=nbytes, own=own, residuals=_residuals(efs))
+
+    def send(self, fragment_id: int, enc: Encoded) -> Handle:
+        """Launch the collective; the handle's `wait()` returns the mean pseudo-gradient."""
+        if self.compressor is None:
+            work = self.comm.all_reduce_sum(enc.wire)  # in place: no copy of the fragment
             K = self.K
             return Handle(lambda: work.wait().div_(K), work.test)
         if self.cfg.collective == "two_phase":
-            return self._launch_two_phase(fragment_id, delta)
-        payload, sent = self.ef[fragment_id][0].step(delta, self.compressor)
-        self._record(fragment_id, delta, sent, payload.nbytes, [self.ef[fragment_id][0]])
-        work = self.comm.all_gather(payload.to_flat_bytes())
-        numel = delta.numel()
-        return Handle(lambda: _mean_of_payloads(self.compressor, work.wait(), numel), work.test)
+            return _TwoPhase(self, fragment_id, enc, self.comm.all_to_all(enc.wire))
+        work = self.comm.all_gather(enc.wire)
+        own, numel, k, c = enc.own[0], enc.numel, self.comm.rank, self.compressor
+        return Handle(lambda: _mean_of_payloads(c, work.wait(), numel, k, own), work.test)
 
-    def _launch_two_phase(self, p: int, delta: torch.Tensor) -> Handle:
-        n, chunk = delta.numel(), self.chunk_numel(delta.numel())
-        padded = torch.zeros(chunk * self.K, dtype=torch.float32, device=delta.device)
-        padded[:n] = delta
-        bufs, sent_parts, nbytes = [], [], 0
-        for j in range(self.K):
-            payload, sent = self.ef[p][j].step(padded[j * chunk:(j + 1) * chunk], self.compressor)
-            bufs.append(payload.to_flat_bytes())
-            sent_parts.append(sent)
-            nbytes += payload.nbytes
-        self._record(p, delta, torch.cat(sent_parts)[:n], nbytes, self.ef[p])
-        return _TwoPhase(self, p, n, self.comm.all_to_all(bufs))
-
-    def _record(self, p: int, delta: torch.Tensor, sent: torch.Tensor, nbytes: int, efs: list[ErrorFeedback]) -> None:
-        """Compression error of this rank's contribution, and what error feedback still holds."""
-        norm = float(delta.norm())
-        residual = math.sqrt(sum(float(e.residual.pow(2).sum()) for e in efs if e.residual is not None))
-        self._stats[p] = {"comm/payload_bytes": float(nbytes),
-                          "compress/relative_error": float((sent - delta).norm()) / norm if norm > 0 else 0.0,
-                          "compress/ef_residual_norm": residual}
-
-    def last_stats(self, fragment_id: int) -> dict[str, float]:
-        return self._stats.get(fragment_id, {})
+    def ef_nbytes(self) -> int:
+        """Bytes of error-feedback residuals this rank holds (both phases)."""
+        efs = [e for per_frag in self.ef for e in per_frag] + list(self.ef_second)
+        return sum(e.residual.numel() * e.residual.element_size() for e in efs if e.residual is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ef": [[e.state_dict() for e in efs] for efs in self.ef],
@@ -139,3 +191,7 @@ class PseudoGradExchange:
                 e.load_state_dict(s)
         for e, s in zip(self.ef_second, state["ef_second"]):
             e.load_state_dict(s)
+
+
+def _residuals(efs: list[ErrorFeedback]) -> list[torch.Tensor]:
+    return [e.residual for e in efs if e.residual is not None]

@@ -66,13 +66,33 @@ def init_distributed(timeout_s: float) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def plan_fragments(model: torch.nn.Module, cfg: StreamingMuLoCoConfig) -> list[list[str]]:
+    """The names of the trainable parameters of each fragment, or a ConfigError naming the key.
+
+    A pure function of the model, so it runs before any process group (a model with fewer
+    blocks than fragments is a config error found at once, not after the rendezvous).
+    """
+    from .config import SECTION
+    from .fragments import assign_fragments
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        return assign_fragments(names, cfg.num_fragments, strategy=cfg.fragment_strategy)
+    except ValueError as e:
+        if str(e).startswith(("num_fragments", "fragment_strategy")):
+            raise ConfigError(f"{SECTION}.{e}") from None
+        raise ConfigError(f"cannot split the model into {SECTION}.num_fragments ({cfg.num_fragments}) "
+                          f"fragments: {e}") from None
+
+
 class StreamingMuLoCoEngine:
     """A DeepSpeed engine whose `step()` also runs the outer loop.
 
     Everything not defined here is forwarded to the wrapped `deepspeed.DeepSpeedEngine`.
     """
 
-    def __init__(self, engine: Any, cfg: StreamingMuLoCoConfig, topo: Topology, metrics: MetricsLogger) -> None:
+    def __init__(self, engine: Any, cfg: StreamingMuLoCoConfig, topo: Topology, metrics: MetricsLogger,
+                 fragments: list[list[str]] | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self.topo = topo
@@ -83,16 +103,16 @@ class StreamingMuLoCoEngine:
         self.outer = None
         if cfg.enabled:
             from .comm import make_backend
-            from .fragments import assign_fragments
             from .outer_sync import OuterSync
+            from .sync_observer import SyncObserver
             from .zero_shard import ZeroShard
 
             named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-            fragments = assign_fragments([n for n, _ in named], cfg.num_fragments, strategy=cfg.fragment_strategy)
-            shard = ZeroShard(engine.optimizer, named, fragments)
+            self.fragments = fragments if fragments is not None else plan_fragments(engine.module, cfg)
+            shard = ZeroShard(engine.optimizer, named, self.fragments)
             comm = make_backend(cfg.comm.backend, topo, cfg.comm.timeout_s)
-            self.fragments = fragments
-            self.outer = OuterSync(cfg, topo, shard, comm, metrics)
+            observer = SyncObserver(metrics, topo.replica_sum_async if topo.ranks_per_replica > 1 else None)
+            self.outer = OuterSync(cfg, topo.replica_id, shard, comm, observer)
 
     def save_checkpoint(self, save_dir: str | Path, step: int | None = None) -> Path:
         """Atomic checkpoint of everything, DeepSpeed's state and ours, as save_dir/step{N}.
@@ -180,6 +200,7 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     Config errors are raised before any process group is created.
     """
     ds_config, cfg, K, D = resolve_config(config)
+    fragments = plan_fragments(model, cfg) if cfg.enabled else None
     import deepspeed
 
     init_distributed(cfg.comm.timeout_s)
@@ -197,7 +218,7 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     engine, optimizer, loader, scheduler = deepspeed.initialize(
         model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
         config=ds_config, mpu=topo.mpu(), **ds_kwargs)
-    wrapped = StreamingMuLoCoEngine(engine, cfg, topo, metrics or MetricsLogger())
+    wrapped = StreamingMuLoCoEngine(engine, cfg, topo, metrics or MetricsLogger(), fragments)
     wrapped.metrics.text("config/streaming_muloco", json.dumps(dataclasses.asdict(cfg)))
     return wrapped, optimizer, loader, scheduler
 

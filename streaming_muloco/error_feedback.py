@@ -1,4 +1,4 @@
-"""Error feedback: what compression dropped this round is sent in a later one (DESIGN §1).
+"""Error feedback: what compression dropped this round is sent in a later one (docs/design.md §1).
 
 Per replica and per fragment shard, with residual e (fp32, on the delta's device):
 

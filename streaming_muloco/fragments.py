@@ -30,7 +30,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .config import SECTION, ConfigError
 
 DEFAULT_BLOCK_PATTERN = r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\."
 STRATEGIES = ("strided", "sequential")
@@ -54,24 +53,24 @@ def assign_fragments(param_names: Sequence[str], num_fragments: int, strategy: s
         P lists of names; fragment p's list is in the original order.
 
     Raises:
-        ConfigError (a ValueError): a bad option, fewer blocks than fragments, an empty
+        ValueError: a bad option, fewer blocks than fragments, an empty
         fragment, or a parameter that `patterns` matches zero or several times.
     """
     names = list(param_names)
     P = num_fragments
     if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-        raise ConfigError(f"{SECTION}.num_fragments ({P!r}) must be an integer >= 1")
+        raise ValueError(f"num_fragments ({P!r}) must be an integer >= 1")
     if not names:
-        raise ConfigError("assign_fragments got no parameters: pass the names of the trainable parameters")
+        raise ValueError("assign_fragments got no parameters: pass the names of the trainable parameters")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"parameter name {dup!r} appears twice: names must be unique")
+        raise ValueError(f"parameter name {dup!r} appears twice: names must be unique")
     if strategy not in STRATEGIES:
-        raise ConfigError(f"{SECTION}.fragment_strategy ({strategy!r}) must be one of {list(STRATEGIES)}")
+        raise ValueError(f"fragment_strategy ({strategy!r}) must be one of {list(STRATEGIES)}")
     if non_block_placement not in PLACEMENTS:
-        raise ConfigError(f"non_block_placement ({non_block_placement!r}) must be one of {list(PLACEMENTS)}")
+        raise ValueError(f"non_block_placement ({non_block_placement!r}) must be one of {list(PLACEMENTS)}")
     if non_block_placement == "own" and P < 2 and patterns is None:
-        raise ConfigError(f"non_block_placement='own' needs {SECTION}.num_fragments >= 2 (got {P}): fragment 0 "
+        raise ValueError(f"non_block_placement='own' needs num_fragments >= 2 (got {P}): fragment 0 "
                           f"holds the non-block parameters and the blocks need at least one more")
     if patterns is not None:
         owner = _owners_by_patterns(names, P, patterns)
@@ -84,7 +83,7 @@ def assign_fragments(param_names: Sequence[str], num_fragments: int, strategy: s
         fragments[p].append(name)
     for p, frag in enumerate(fragments):
         if not frag:
-            raise ConfigError(f"fragment {p} of {P} is empty: lower {SECTION}.num_fragments, or change the "
+            raise ValueError(f"fragment {p} of {P} is empty: lower num_fragments, or change the "
                               f"placement/patterns so every fragment gets parameters")
     return fragments
 
@@ -104,7 +103,7 @@ def _owners_by_blocks(names: list[str], P: int, strategy: str, block_pattern: st
     """
     regex = re.compile(block_pattern)
     if regex.groups < 1:
-        raise ConfigError(f"block_pattern ({block_pattern!r}) needs a capturing group for the block index")
+        raise ValueError(f"block_pattern ({block_pattern!r}) needs a capturing group for the block index")
 
     block_of: list[int | None] = []
     for name in names:
@@ -115,7 +114,7 @@ def _owners_by_blocks(names: list[str], P: int, strategy: str, block_pattern: st
     first_block_frag = 1 if placement == "own" else 0
     n_block_frags = P - first_block_frag
     if len(blocks) < n_block_frags:
-        raise ConfigError(f"{SECTION}.num_fragments ({P}) needs at least {n_block_frags} transformer blocks "
+        raise ValueError(f"num_fragments ({P}) needs at least {n_block_frags} transformer blocks "
                           f"to split, but the model has {len(blocks)} (block_pattern {block_pattern!r}); lower "
                           f"num_fragments, fix block_pattern, or pass explicit fragment patterns")
 
@@ -140,17 +139,17 @@ def _deal(n_blocks: int, n_frags: int, strategy: str) -> list[int]:
 def _owners_by_patterns(names: list[str], P: int, patterns: Sequence[Sequence[str]]) -> list[int]:
     """Fragment id per name, from explicit regexes; a name must match exactly one fragment."""
     if len(patterns) != P:
-        raise ConfigError(f"{SECTION}.num_fragments ({P}) must equal the number of fragment pattern lists "
+        raise ValueError(f"num_fragments ({P}) must equal the number of fragment pattern lists "
                           f"({len(patterns)}): give one list of regexes per fragment")
     compiled = [[re.compile(r) for r in frag] for frag in patterns]
     owner = []
     for name in names:
         hits = [p for p, regexes in enumerate(compiled) if any(r.search(name) for r in regexes)]
         if not hits:
-            raise ConfigError(f"parameter {name!r} matches no fragment pattern: add a regex for it to one "
+            raise ValueError(f"parameter {name!r} matches no fragment pattern: add a regex for it to one "
                               f"fragment's list")
         if len(hits) > 1:
-            raise ConfigError(f"parameter {name!r} matches the patterns of fragments {hits}: make the pattern "
+            raise ValueError(f"parameter {name!r} matches the patterns of fragments {hits}: make the pattern "
                               f"lists disjoint so it belongs to exactly one")
         owner.append(hits[0])
     return owner

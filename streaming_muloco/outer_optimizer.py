@@ -1,8 +1,8 @@
 """The outer step of DiLoCo: Nesterov SGD on the global params, driven by the pseudo-gradient.
 
-Everything here is pure tensor math on one flat fp32 shard of one fragment (DESIGN §1, "Where
-the outer state lives"): no process groups, no parameters, no modules. The distributed glue
-(`outer_sync.py`) calls, per fragment and per rank:
+Everything here is pure tensor math on one flat fp32 shard of one fragment (docs/design.md §4):
+no process groups, no parameters, no modules. The distributed glue (`outer_sync.py`) calls, per
+fragment and per rank:
 
     delta = pseudo_grad(theta_g, local)        # then compressed and averaged over replicas
     opt.step(theta_g, mean_delta)              # theta_g <- OuterOpt(theta_g, mean_delta)
@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
-from .config import SECTION, ConfigError
 
-
-def pseudo_grad(theta_g: torch.Tensor, theta_local: torch.Tensor) -> torch.Tensor:
-    """Δ = θ_g − θ_local.
+def pseudo_grad(theta_g: torch.Tensor, theta_local: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Δ = θ_g − θ_local (into `out` when given; it may be `theta_local` itself).
 
     The sign makes Δ behave like a gradient: the SGD step θ_g − lr·Δ moves the global params
     TOWARDS the replica's params, and lr = 1, μ = 0 lands exactly on them.
@@ -27,7 +25,7 @@ def pseudo_grad(theta_g: torch.Tensor, theta_local: torch.Tensor) -> torch.Tenso
     if theta_g.shape != theta_local.shape:
         raise ValueError(f"pseudo_grad: theta_g {tuple(theta_g.shape)} and theta_local "
                          f"{tuple(theta_local.shape)} must have the same shape (same fragment shard)")
-    return theta_g - theta_local
+    return torch.sub(theta_g, theta_local, out=out) if out is not None else theta_g - theta_local
 
 
 def mix(theta_local_now: torch.Tensor, theta_outer: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -36,7 +34,7 @@ def mix(theta_local_now: torch.Tensor, theta_outer: torch.Tensor, alpha: float) 
     α = 0 restarts the replica from the outer result (DiLoCo); α = 1 leaves it untouched.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"{SECTION}.mix_alpha ({alpha}) must be in [0, 1]")
+        raise ValueError(f"mix_alpha ({alpha}) must be in [0, 1]")
     if alpha == 0.0:
         return theta_outer.clone()
     if alpha == 1.0:
@@ -58,9 +56,9 @@ class OuterNesterovSGD:
 
     def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ConfigError(f"{SECTION}.outer_lr ({lr}) must be a finite number > 0; DiLoCo uses 0.7")
+            raise ValueError(f"outer_lr ({lr}) must be a finite number > 0; DiLoCo uses 0.7")
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ConfigError(f"{SECTION}.outer_momentum ({momentum}) must be in [0, 1); DiLoCo uses 0.9")
+            raise ValueError(f"outer_momentum ({momentum}) must be in [0, 1); DiLoCo uses 0.9")
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)

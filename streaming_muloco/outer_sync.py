@@ -1,73 +1,73 @@
-"""The outer loop glued onto a DeepSpeed ZeRO engine: launch, wait, outer step, mix.
+"""The outer loop glued onto a ZeRO shard: the schedule's events, each a few lines of data path.
 
-Per fragment p and per rank (shard-wise, 1/D of the fragment each):
+Per fragment p and per rank (shard-wise, 1/D of the fragment each; docs/design.md §1, §4):
     theta_g[p]   global params of the fragment, as of its last outer step
     outer_opt[p] Nesterov-SGD momentum
-    ef[p]        error-feedback residual (when compressing)
+    ef[p]        error-feedback residual, inside the exchange (when compressing)
 
-At the step where fragment p starts (DESIGN §1):
-    1. local = the fp32 master slice;  pseudo_grad = theta_g - local
-    2. compress (with error feedback) and launch the async collective over the outer group
-At the step where it finishes (sync_delay steps later; the same step when sync_delay = 0):
-    3. wait; mean pseudo_grad across replicas
-    4. theta_g <- OuterOpt(theta_g, mean)
-    5. local <- mix_alpha * local(now) + (1 - mix_alpha) * theta_g, written into ZeRO's masters
+start p:  gather -> pseudo-gradient -> (non-finite policy) -> compress with EF -> launch
+finish p: wait -> outer step -> mix -> write back      (sync_delay steps later; with 0, at once)
+
+What the path computes goes to a `SyncObserver` (timings, norms, cosine, compression error);
+the path never waits on it. The order of events comes from `FragmentSchedule.events`.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from .collectives import PseudoGradExchange
-from .comm.base import Handle
+from .comm.base import CommBackend, Handle
+from .compression import has_nonfinite
 from .config import StreamingMuLoCoConfig
 from .errors import NonFiniteError
-from .metrics import MetricsLogger
 from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
-from .schedule import FragmentSchedule
-from .topology import Topology
-from .zero_shard import ZeroShard
+from .schedule import FragmentSchedule, SyncEvent
+from .sync_observer import SyncObserver
 
 log = logging.getLogger("streaming_muloco")
 
 
-def _dot_stats(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
-    """[|a|^2, |b|^2, a.b] accumulated in float64, a chunk at a time: float64 copies of a whole
-    shard cost several times its fp32 size in transient memory at every sync (benchmarks/
-    bench_memory.py, 48.5 MB shard: MuLoCo's peak RSS over DP fell from +306 MB to +100 MB)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    out = torch.zeros(3, dtype=torch.float64, device=a.device)
-    for i in range(0, a.numel(), chunk):
-        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
-        out += torch.stack([x.dot(x), y.dot(y), x.dot(y)])
-    return out
+class Shard(Protocol):
+    """Where a replica's fragment slices live: ZeRO's fp32 masters, or a plain module (simulator)."""
+
+    def gather(self, fragment_id: int) -> torch.Tensor: ...
+
+    def scatter(self, fragment_id: int, flat: torch.Tensor) -> None: ...
+
+    def refresh_module_params(self) -> None: ...
 
 
 @dataclass
 class FragmentState:
     theta_g: torch.Tensor
     outer_opt: OuterNesterovSGD
-    in_flight: Any = None  # the exchange's handle between start and finish
-    started_at: float = 0.0
-    local_at_start: torch.Tensor | None = field(default=None, repr=False)
+    in_flight: Handle | None = None  # the exchange's handle between start and finish
+    own: list[torch.Tensor] | None = None  # this replica's decoded contribution, for the observer
 
 
 class OuterSync:
-    """Runs the schedule's outer syncs after each inner optimizer step."""
+    """Runs the schedule's outer syncs after each inner optimizer step.
 
-    def __init__(self, cfg: StreamingMuLoCoConfig, topo: Topology, shard: ZeroShard, comm: Any,
-                 metrics: MetricsLogger) -> None:
+    Args:
+        cfg: the parsed `streaming_muloco` section.
+        replica_id: this replica's index (for messages).
+        shard: this rank's fragment slices.
+        comm: the collectives backend over the outer group (K ranks, one per replica).
+        observer: receives what each sync computed (metrics and timings).
+    """
+
+    def __init__(self, cfg: StreamingMuLoCoConfig, replica_id: int, shard: Shard, comm: CommBackend,
+                 observer: SyncObserver) -> None:
         self.cfg = cfg
-        self.topo = topo
+        self.replica_id = replica_id
         self.shard = shard
         self.comm = comm
-        self.metrics = metrics
+        self.observer = observer
         self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay)
         self.exchange = PseudoGradExchange(cfg.compression, comm, num_fragments=cfg.num_fragments,
                                            outer_lr=cfg.outer_lr)
@@ -77,17 +77,18 @@ class OuterSync:
             for p in range(cfg.num_fragments)
         ]
         self.outer_steps = 0
-        self.comm_exposed_s = 0.0  # time blocked in wait(): what overlap failed to hide
-        self.comm_launch_s = 0.0
-        self.comm_hidden_s = 0.0  # wall time between launch and wait, during which compute ran
 
     def after_inner_step(self, step: int) -> None:
         """Call once per optimizer step with the count of completed inner steps."""
-        touched = self.finish_due(step)
-        self.start_due(step)
-        touched = self.finish_started(step) or touched
-        if touched:
+        events = self.schedule.events(step)
+        for event in events:
+            self.handle(event, step)
+        if any(e.kind == "finish" for e in events):
             self.shard.refresh_module_params()
+
+    def handle(self, event: SyncEvent, step: int) -> None:
+        """One event; public so the simulator can run each event for all K replicas in lockstep."""
+        (self.start if event.kind == "start" else self.finish)(event.fragment_id, step)
 
     def poke(self) -> None:
         """Let in-flight collectives progress (MPI moves bytes only inside MPI calls)."""
@@ -95,82 +96,40 @@ class OuterSync:
             if frag.in_flight is not None:
                 frag.in_flight.poke()
 
-    # The three phases are public so a single-process simulator can run each phase for all K
-    # replicas before the next (a real collective needs every replica to have launched).
-    def finish_due(self, step: int) -> bool:
-        """Finish fragments launched sync_delay steps ago (before any start: one in flight)."""
-        due = self.schedule.finishes_at(step) if self.cfg.sync_delay > 0 else []
-        for p in due:
-            self._finish(p, step)
-        return bool(due)
-
-    def start_due(self, step: int) -> None:
-        for p in self.schedule.starts_at(step):
-            self._start(p, step)
-
-    def finish_started(self, step: int) -> bool:
-        """With sync_delay = 0 a fragment finishes at the step it starts."""
-        due = self.schedule.starts_at(step) if self.cfg.sync_delay == 0 else []
-        for p in due:
-            self._finish(p, step)
-        return bool(due)
-
-    def _start(self, p: int, step: int) -> None:
-        frag = self.fragments[p]
-        t0 = time.perf_counter()
+    def start(self, p: int, step: int) -> None:
+        frag, t0 = self.fragments[p], time.perf_counter()
         local = self.shard.gather(p)
-        delta = pseudo_grad(frag.theta_g, local)
-        if not bool(torch.isfinite(delta).all()):
-            if self.cfg.nonfinite_policy == "error":
-                raise NonFiniteError(f"replica {self.topo.replica_id} fragment {p}: the pseudo-gradient at step "
-                                     f"{step} holds NaN/inf (streaming_muloco.nonfinite_policy='error')")
-            log.warning("replica %d fragment %d step %d: NaN/inf pseudo-gradient; sending zeros this round",
-                        self.topo.replica_id, p, step)
-            delta = torch.zeros_like(delta)
-            self.metrics.scalar("outer/nonfinite_skipped", 1.0, step)
-        frag.in_flight = self.exchange.launch(p, delta)
-        frag.local_at_start = delta  # kept for the directional-quality metric
-        frag.started_at = time.perf_counter()
-        self.comm_launch_s += frag.started_at - t0
+        delta = pseudo_grad(frag.theta_g, local, out=local)  # the gathered copy becomes Δ
+        if has_nonfinite(delta):
+            delta = self._nonfinite(p, step, delta)
+        enc = self.exchange.encode(p, delta)
+        self.observer.encoded(p, delta, enc.own, enc.residuals, enc.payload_bytes)
+        frag.in_flight, frag.own = self.exchange.send(p, enc), enc.own
+        self.observer.launched(p, time.perf_counter() - t0)
 
-    def _finish(self, p: int, step: int) -> None:
-        frag = self.fragments[p]
-        t0 = time.perf_counter()
-        hidden = t0 - frag.started_at
-        self.comm_hidden_s += hidden
+    def finish(self, p: int, step: int) -> None:
+        frag, t0 = self.fragments[p], time.perf_counter()
         mean = frag.in_flight.wait()
-        t1 = time.perf_counter()
-        self.comm_exposed_s += t1 - t0
-        own = frag.local_at_start
-        frag.in_flight, frag.local_at_start = None, None
+        waited = time.perf_counter() - t0
         frag.outer_opt.step(frag.theta_g, mean)
-        new_local = frag.theta_g if self.cfg.mix_alpha == 0.0 else mix(self.shard.gather(p), frag.theta_g,
-                                                                       self.cfg.mix_alpha)
-        self.shard.scatter(p, new_local)
+        alpha = self.cfg.mix_alpha
+        self.shard.scatter(p, frag.theta_g if alpha == 0.0 else mix(self.shard.gather(p), frag.theta_g, alpha))
         self.outer_steps += 1
-        self._log_round(p, step, mean, own, exposed=t1 - t0, total=time.perf_counter() - t0)
-        self.metrics.scalar("comm/in_flight_compute_seconds", hidden, step)
+        self.observer.finished(p, step, mean, frag.own, wait_started=t0, waited_s=waited,
+                               sync_s=time.perf_counter() - t0, outer_steps=self.outer_steps,
+                               bytes_sent=self.comm.bytes_sent)
+        frag.in_flight, frag.own = None, None
 
-    def _log_round(self, p: int, step: int, mean: torch.Tensor, own: torch.Tensor, exposed: float,
-                   total: float) -> None:
-        """Pseudo-gradient norm and the replica's cosine to the mean (MuLoCo's quality measure).
-
-        Shards are summed over the replica (D ranks) so the numbers describe the whole fragment.
-        """
-        stats = _dot_stats(mean, own)
-        if self.topo.ranks_per_replica > 1:
-            dist.all_reduce(stats, group=self.topo.replica_group)
-        mean_sq, own_sq, dot = stats.tolist()
-        cos = dot / math.sqrt(mean_sq * own_sq) if mean_sq > 0 and own_sq > 0 else 0.0
-        m = self.metrics
-        m.scalar("outer/steps", self.outer_steps, step)
-        m.scalar(f"outer/pseudo_grad_norm/fragment{p}", math.sqrt(mean_sq), step)
-        m.scalar(f"outer/replica_cosine_to_mean/fragment{p}", cos, step)
-        m.scalar("outer/sync_seconds", total, step)
-        m.scalar("comm/exposed_seconds", exposed, step)
-        m.scalar("comm/bytes_sent_total", self.comm.bytes_sent, step)
-        for tag, value in self.exchange.last_stats(p).items():
-            m.scalar(tag, value, step)
+    def _nonfinite(self, p: int, step: int, delta: torch.Tensor) -> torch.Tensor:
+        """`nonfinite_policy`: stop, or send zeros so the other replicas' state stays clean."""
+        where = f"replica {self.replica_id} fragment {p} step {step}"
+        if self.cfg.nonfinite_policy == "error":
+            raise NonFiniteError(f"{where}: the pseudo-gradient holds NaN/inf (streaming_muloco.nonfinite_policy="
+                                 f"'error'); restart from the last checkpoint with --resume, perhaps with a lower "
+                                 f"learning rate")
+        log.warning("%s: NaN/inf pseudo-gradient; sending zeros this round", where)
+        self.observer.nonfinite_skipped(step)
+        return delta.zero_()
 
     def state_nbytes(self) -> dict[str, int]:
         """Bytes this rank holds for the outer loop (theta_g, outer momentum, EF residuals) next
@@ -180,23 +139,22 @@ class OuterSync:
 
         shard = sum(nbytes(f.theta_g) for f in self.fragments)
         momentum = sum(nbytes(f.outer_opt.momentum_buffer) for f in self.fragments)
-        efs = [e for per_frag in self.exchange.ef for e in per_frag] + list(self.exchange.ef_second)
-        ef = sum(nbytes(e.residual) for e in efs)
+        ef = self.exchange.ef_nbytes()
         return {"shard_fp32": shard, "theta_g": shard, "outer_momentum": momentum, "error_feedback": ef,
                 "total": shard + momentum + ef}
 
     # ---- checkpoint state -------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit, fragments in flight included.
 
         A collective cannot be saved half-done, so a fragment in flight is waited for here and
         its averaged pseudo-gradient is stored; on resume it finishes at its scheduled step
-        from the stored value, exactly as the uninterrupted run would have.
+        from the stored value, exactly as the uninterrupted run would have (its sync then
+        reports no cosine: the contribution it was measured against is not saved).
         """
-        in_flight = {p: {"mean": f.in_flight.wait().clone(), "own": f.local_at_start.clone()}
-                     for p, f in enumerate(self.fragments) if f.in_flight is not None}
         return {
-            "in_flight": in_flight,
+            "in_flight": {p: {"mean": f.in_flight.wait().clone()}
+                          for p, f in enumerate(self.fragments) if f.in_flight is not None},
             "outer_steps": self.outer_steps,
             "theta_g": [f.theta_g.clone() for f in self.fragments],
             "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],
@@ -204,7 +162,7 @@ class OuterSync:
             "bytes_sent": self.comm.bytes_sent,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer_steps = state["outer_steps"]
         for f, theta, opt in zip(self.fragments, state["theta_g"], state["outer_opt"]):
             f.theta_g.copy_(theta)
@@ -214,6 +172,4 @@ class OuterSync:
         for p, pending in state["in_flight"].items():
             frag = self.fragments[p]
             mean = pending["mean"].to(frag.theta_g.device)
-            frag.in_flight = Handle(lambda m=mean: m)
-            frag.local_at_start = pending["own"].to(frag.theta_g.device)
-            frag.started_at = time.perf_counter()
+            frag.in_flight, frag.own = Handle(lambda m=mean: m), None

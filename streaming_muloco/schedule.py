@@ -1,4 +1,4 @@
-"""When each fragment starts and finishes its outer sync (Streaming DiLoCo, DESIGN §1).
+"""When each fragment starts and finishes its outer sync (Streaming DiLoCo, docs/design.md §3).
 
 Conventions, shared by every caller:
 - `step` counts COMPLETED inner steps: after the first inner step, step == 1. Step 0 is
@@ -7,29 +7,36 @@ Conventions, shared by every caller:
   t > 0 and (t - t_p) % H == 0. So every fragment syncs once every H steps, and the P starts
   are spread evenly over the round: peak traffic is about 1/P of DiLoCo's.
 - It FINISHES (wait, outer step, mix) after inner step t + τ. With τ = 0 it finishes at the
-  very step it starts: start it, then finish it.
+  very step it starts.
 - τ < H/P guarantees that a fragment finishes no later than the step the next one starts, so
-  at most one fragment is in flight between steps. When a finish and a start fall on the same
-  step, the caller processes `finishes_at(step)` FIRST, then `starts_at(step)`.
-- Fragment ids are returned in ascending order. Every replica must launch collectives in the
-  same order or they deadlock, so never reorder them.
+  at most one fragment is in flight between steps.
+- `events(step)` is THE order of a step's work, for every caller (the engine's outer loop and
+  the simulator): with τ > 0 a finish comes before a start on the same step; with τ = 0 a
+  fragment starts and then finishes. Every replica must launch collectives in the same order
+  or they deadlock, so never reorder them.
 
 Example, H=4, P=2, τ=1 (offsets 0 and 2):
 
-    step  1  2    3    4    5    6    7    8
-    start -  [1]  -    [0]  -    [1]  -    [0]
-    finish-  -    [1]  -    [0]  -    [1]  -
+    step    1   2          3           4          5           6
+    events  -   start 1    finish 1    start 0    finish 0    start 1 ...
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from .config import SECTION, ConfigError
+
+@dataclass(frozen=True)
+class SyncEvent:
+    """One step of the outer loop's work: launch a fragment's exchange, or complete it."""
+
+    kind: Literal["start", "finish"]
+    fragment_id: int
 
 
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{SECTION}.{name} ({value!r}) must be an integer")
+        raise ValueError(f"{name} ({value!r}) must be an integer")
 
 
 @dataclass(frozen=True)
@@ -51,17 +58,17 @@ class FragmentSchedule:
         for name, value in (("sync_every", H), ("num_fragments", P), ("sync_delay", tau)):
             _check_int(name, value)
         if H < 1:
-            raise ConfigError(f"{SECTION}.sync_every ({H}) must be >= 1 inner step")
+            raise ValueError(f"sync_every ({H}) must be >= 1 inner step")
         if P < 1:
-            raise ConfigError(f"{SECTION}.num_fragments ({P}) must be >= 1; use 1 for plain DiLoCo")
+            raise ValueError(f"num_fragments ({P}) must be >= 1; use 1 for plain DiLoCo")
         if P > H:
-            raise ConfigError(f"{SECTION}.num_fragments ({P}) must be <= sync_every ({H}): each fragment needs "
-                              f"its own start step; lower num_fragments or raise sync_every")
+            raise ValueError(f"num_fragments ({P}) must be <= sync_every ({H}): each fragment needs its own "
+                             f"start step; lower num_fragments or raise sync_every")
         if tau < 0:
-            raise ConfigError(f"{SECTION}.sync_delay ({tau}) must be >= 0; use 0 for no overlap")
+            raise ValueError(f"sync_delay ({tau}) must be >= 0; use 0 for no overlap")
         if tau >= H / P:
-            raise ConfigError(f"{SECTION}.sync_delay ({tau}) must be < sync_every/num_fragments ({H / P:g}): a "
-                              f"fragment must finish before the next one starts; lower sync_delay or num_fragments")
+            raise ValueError(f"sync_delay ({tau}) must be < sync_every/num_fragments ({H / P:g}): a fragment "
+                             f"must finish before the next one starts; lower sync_delay or num_fragments")
 
     def offset(self, fragment_id: int) -> int:
         """t_p = (p * H) // P: the step (mod H) at which fragment p starts its sync."""
@@ -82,6 +89,13 @@ class FragmentSchedule:
         start = step - self.sync_delay
         return self.starts_at(start) if start > 0 else []
 
+    def events(self, step: int) -> list[SyncEvent]:
+        """The outer-loop work after inner step `step`, in the order every replica must do it."""
+        starts = [SyncEvent("start", p) for p in self.starts_at(step)]
+        if self.sync_delay == 0:  # a fragment finishes at the step it starts
+            return [e for s in starts for e in (s, SyncEvent("finish", s.fragment_id))]
+        return [SyncEvent("finish", p) for p in self.finishes_at(step)] + starts
+
     def in_flight_after(self, step: int) -> list[int]:
         """Fragments launched but not yet finished once `step` is fully processed.
 
@@ -100,11 +114,7 @@ class FragmentSchedule:
         return t_p + H * k if t_p + H * k > 0 else H
 
     def table(self, steps: int) -> list[tuple[int, list[int], list[int]]]:
-        """Rows (step, starts, finishes) for steps 1..steps, for logs and docs.
-
-        Within a step, finishes are processed before starts (except with τ = 0, where a
-        fragment starts and then finishes at the same step).
-        """
+        """Rows (step, starts, finishes) for steps 1..steps, for logs and docs (order: `events`)."""
         self._check_step(steps)
         return [(t, self.starts_at(t), self.finishes_at(t)) for t in range(1, steps + 1)]
 

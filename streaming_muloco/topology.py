@@ -12,7 +12,10 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
+
+from .comm.base import Handle
 
 
 @dataclass
@@ -71,6 +74,11 @@ class Topology:
             if r == topo.rank:
                 topo.self_group = g
         return topo
+
+    def replica_sum_async(self, tensor: torch.Tensor) -> Handle:
+        """Sum a small tensor over this replica's D ranks in the background (metrics)."""
+        work = dist.all_reduce(tensor, group=self.replica_group, async_op=True)
+        return Handle(lambda: (work.wait(), tensor)[1], work.is_completed)
 
     def mpu(self) -> "ReplicaMPU":
         return ReplicaMPU(self)

@@ -215,8 +215,7 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
               "outer_steps": engine.outer.outer_steps if engine.outer else 0}
     if engine.outer is not None:
         o = engine.outer
-        result.update({"comm_exposed_s": o.comm_exposed_s, "comm_hidden_s": o.comm_hidden_s,
-                       "comm_launch_s": o.comm_launch_s, "bytes_sent_per_rank": o.comm.bytes_sent,
+        result.update({**o.observer.summary(), "bytes_sent_per_rank": o.comm.bytes_sent,
                        "outer_state_bytes": o.state_nbytes()})
     if rank == 0:
         print(f"[streaming_muloco] done: {args.steps} steps in {fmt_time(elapsed)}, final eval loss "

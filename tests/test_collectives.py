@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from streaming_muloco.collectives import PseudoGradExchange
-from streaming_muloco.comm.inprocess import InProcessBackend, InProcessGroup
 from streaming_muloco.compression import make_compressor
 from streaming_muloco.config import CompressionConfig
 from streaming_muloco.error_feedback import ErrorFeedback
+from streaming_muloco.sim.inprocess import InProcessBackend, InProcessGroup
 
 
 def exchange_all(cfg: CompressionConfig, deltas: list[torch.Tensor], rounds: int = 1) -> list[list[torch.Tensor]]:
@@ -20,7 +20,8 @@ def exchange_all(cfg: CompressionConfig, deltas: list[torch.Tensor], rounds: int
     xs = [PseudoGradExchange(cfg, InProcessBackend(group, k), num_fragments=1) for k in range(K)]
     out = [[] for _ in range(K)]
     for _ in range(rounds):
-        handles = [x.launch(0, d) for x, d in zip(xs, deltas)]
+        # send() may reduce the buffer in place (uncompressed): each round gets its own copy.
+        handles = [x.send(0, x.encode(0, d.clone())) for x, d in zip(xs, deltas)]
         for k in range(K):
             handles[k].poke()
         for k in range(K):
@@ -107,3 +108,31 @@ def test_ef_scale_by_outer_lr_feeds_scaled_deltas():
     cfg = CompressionConfig(method="linear", bits=8, ef_scale_by_outer_lr=True)
     x = PseudoGradExchange(cfg, InProcessBackend(InProcessGroup(1), 0), num_fragments=1, outer_lr=0.5)
     assert isinstance(x.ef[0][0], ErrorFeedback) and x.ef[0][0].scale == 0.5
+
+
+@pytest.mark.parametrize("cfg", [CompressionConfig(method="linear", bits=2),
+                                 CompressionConfig(method="statistical", bits=2, collective="two_phase")])
+def test_own_contribution_is_what_the_receivers_decode_and_encode_leaves_delta_alone(cfg):
+    """The exchange sums `Encoded.own` in place of decoding this rank's payload again: it must be
+    bit-identical to decoding the payload that went on the wire."""
+    K, n = 3, 5000
+    group = InProcessGroup(K)
+    xs = [PseudoGradExchange(cfg, InProcessBackend(group, k), num_fragments=1) for k in range(K)]
+    ds = deltas(K, n, seed=5)
+    encs = [x.encode(0, d) for x, d in zip(xs, ds)]
+    assert all(torch.equal(d, e) for d, e in zip(ds, deltas(K, n, seed=5)))  # delta untouched
+    comp = xs[0].compressor
+    for enc in encs:
+        wires = enc.wire if isinstance(enc.wire, list) else [enc.wire]
+        for buf, own in zip(wires, enc.own):
+            assert torch.equal(comp.decompress(comp.unflatten(buf, own.numel())), own)
+
+
+def test_uncompressed_send_reduces_the_pseudo_gradient_buffer_in_place():
+    """No copy of the fragment is made for the fp32 all-reduce: the buffer becomes the sum."""
+    group = InProcessGroup(2)
+    xs = [PseudoGradExchange(CompressionConfig(method="none"), InProcessBackend(group, k), 1) for k in range(2)]
+    bufs = [torch.full((8,), 1.0), torch.full((8,), 3.0)]
+    handles = [x.send(0, x.encode(0, b)) for x, b in zip(xs, bufs)]
+    means = [h.wait() for h in handles]
+    assert all(m is b for m, b in zip(means, bufs)) and torch.equal(means[0], torch.full((8,), 2.0))

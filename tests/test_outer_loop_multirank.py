@@ -70,7 +70,7 @@ def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]
 def _reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]:
     """Single-process (Streaming) DiLoCo/MuLoCo: K model copies, each fed the batches of its D ranks.
 
-    Outer syncs follow DESIGN §1 literally: fragment p starts after steps t with
+    Outer syncs follow docs/design.md §1 and §3 literally: fragment p starts after steps t with
     (t - p*H//P) % H == 0, sends theta_g - local, and sync_delay steps later takes an outer
     SGD step and sets local = alpha*local_now + (1 - alpha)*theta_g.
     """

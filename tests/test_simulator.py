@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from streaming_muloco.comm.inprocess import InProcessBackend, InProcessGroup
-from streaming_muloco.simulator import simulate
+from streaming_muloco.sim.inprocess import InProcessBackend, InProcessGroup
+from streaming_muloco.sim import simulate
 from workers.sim_agreement_worker import BLOCK, splits
 
 pytestmark = pytest.mark.multirank

@@ -1,7 +1,7 @@
 """The interface the outer loop talks to: launch a collective now, wait for it later.
 
 The launch/wait split is what lets a fragment's exchange overlap the next sync_delay inner
-steps (DESIGN §1, overlap). Each backend works on the outer group: the K ranks that hold the
+steps (docs/design.md §1, §3). Each backend works on the outer group: the K ranks that hold the
 same ZeRO shard index, one per replica.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import CommBackend, Handle, wire_bytes
+from ..comm.base import CommBackend, Handle, wire_bytes
 
 
 @dataclass

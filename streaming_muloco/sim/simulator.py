@@ -3,20 +3,18 @@
 What is simulated is what a K x 1 DeepSpeed job (`train.py`, D = 1) computes, step for step:
 - replica k is one model copy fed the batches of stream k (`get_batch(train, micro, block,
   seed, stream=k, step)`), with its own inner optimizer built the way DeepSpeed builds it from
-  the same JSON: torch AdamW for "Adam"/"AdamW" (the configs set "torch_adam": true), and
-  DeepSpeed's own `MuonWithAuxAdam` (its `muon_update`, its param groups, torch AdamW aux) for
-  "Muon"; DeepSpeed's gradient clipping rule and DeepSpeed's LR scheduler classes;
+  the same JSON (`sim/inner_optimizer.py`);
 - the outer loop is NOT re-implemented: each replica gets its own `OuterSync` (the very same
   schedule, fragments, outer optimizer and `PseudoGradExchange` as the distributed path) over
-  a `ModuleShard` and an `InProcessBackend`. After every inner step the three outer phases run
-  for all replicas, phase by phase (poking every replica first, as engine.step does), so
-  every collective is launched before it is waited on;
+  a `ModuleShard` and an `InProcessBackend` (`sim/inprocess.py`). After every inner step the
+  schedule's events run for all replicas, event by event (poking every replica first, as
+  engine.step does), so every collective is launched before it is waited on;
 - with no `streaming_muloco` section (or enabled=false) it is DP over `dp_world` ranks: one
   model stepped on the mean gradient of streams 0..dp_world-1.
 
 The agreement with a real 2-process DeepSpeed job is pinned by tests/test_simulator.py.
 
-    from streaming_muloco.simulator import simulate
+    from streaming_muloco.sim import simulate
     res = simulate(json.load(open("ds_configs/muloco_cpu.json")), steps=300, eval_every=60)
 """
 from __future__ import annotations
@@ -29,15 +27,17 @@ from typing import Any, Callable
 
 import torch
 
-from .comm.base import wire_bytes
-from .comm.inprocess import InProcessBackend, InProcessGroup
-from .config import SECTION, ConfigError, split_config
-from .data import EVAL_STREAM, TokenSplits, get_batch, load_tokens
-from .fragments import assign_fragments
-from .metrics import MetricsLogger
-from .model import GPT, build_model
-from .outer_sync import OuterSync
-from .topology import Topology
+from ..comm.base import wire_bytes
+from ..config import SECTION, split_config
+from ..data import EVAL_STREAM, TokenSplits, get_batch, load_tokens
+from ..errors import ConfigError
+from ..fragments import assign_fragments
+from ..metrics import MetricsLogger
+from ..model import GPT, build_model
+from ..outer_sync import OuterSync
+from ..sync_observer import SyncObserver
+from .inner_optimizer import InnerOptimizer
+from .inprocess import InProcessBackend, InProcessGroup
 
 StepCallback = Callable[[int, list[GPT]], None]
 
@@ -70,80 +70,6 @@ class ModuleShard:
         pass
 
 
-class InnerOptimizer:
-    """The optimizer, scheduler and clipping DeepSpeed would build from the same JSON."""
-
-    def __init__(self, model: GPT, ds_config: dict) -> None:
-        from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
-
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.clip = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
-        self.optimizer = _build_optimizer(model, ds_config.get("optimizer") or {})
-        self.scheduler = _build_scheduler(self.optimizer, ds_config.get("scheduler"))
-
-    def step(self) -> None:
-        if self.clip > 0:
-            self._clip()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()  # DeepSpeed steps its scheduler after every applied optimizer step
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def _clip(self) -> None:
-        """DeepSpeed ZeRO's rule: divide by max(1, (norm + 1e-6) / clip)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
-        scale = torch.clamp((norm + 1e-6) / self.clip, min=1.0)
-        for g in grads:
-            g.mul_(1.0 / scale)
-
-
-def _build_optimizer(model: GPT, opt: dict) -> torch.optim.Optimizer:
-    """DeepSpeed's `_configure_basic_optimizer` for the optimizer types the simulator supports.
-
-    Without "torch_adam": true DeepSpeed would use a fused Adam kernel with the same math; the
-    simulator uses torch's either way.
-    """
-    kind = str(opt.get("type", "")).lower()
-    params = dict(opt.get("params") or {})
-    params.pop("torch_adam", None)
-    params.pop("fp32_optimizer_states", None)
-    foreach = params.pop("foreach", None)
-    if kind in ("adam", "adamw"):
-        adam_w_mode = kind == "adamw" or params.pop("adam_w_mode", True)
-        params.pop("adam_w_mode", None)
-        cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-        return cls(model.parameters(), foreach=foreach, **params)
-    if kind == "muon":
-        from deepspeed.runtime.engine import DeepSpeedEngine
-        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
-
-        if params.get("per_head_muon"):
-            raise ConfigError("optimizer.params.per_head_muon is not supported by the simulator; remove it")
-        adam_w_mode = params.pop("adam_w_mode", True)
-        for name, p in model.named_parameters():  # deepspeed.set_optimizer_flags's rule
-            p.use_muon = p.ndim >= 2 and not any(k in name.lower() for k in ("embed", "lm_head"))
-        groups = DeepSpeedEngine._muon_param_groups(list(model.parameters()), params)
-        return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW if adam_w_mode else torch.optim.Adam,
-                               adam_optimizer_kwargs={"foreach": foreach}, adam_w_mode=adam_w_mode)
-    raise ConfigError(f"optimizer.type '{opt.get('type')}' is not supported by the simulator; use Adam, AdamW "
-                      f"or Muon")
-
-
-def _build_scheduler(optimizer: torch.optim.Optimizer, sched: dict | None) -> Any:
-    """DeepSpeed's `_scheduler_from_config`: its own schedules first, then torch's."""
-    if not sched:
-        return None
-    from deepspeed.runtime import lr_schedules
-
-    name = sched.get("type")
-    cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
-    if cls is None:
-        raise ConfigError(f"scheduler.type '{name}' is neither a DeepSpeed nor a torch LR scheduler")
-    return cls(optimizer, **(sched.get("params") or {}))
-
-
 class _Run:
     """Models, inner optimizers and (for DiLoCo-style runs) one OuterSync per replica."""
 
@@ -157,29 +83,30 @@ class _Run:
             for k, m in enumerate(self.models):
                 named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
                 frags = assign_fragments([n for n, _ in named], cfg.num_fragments, strategy=cfg.fragment_strategy)
-                self.outer.append(OuterSync(cfg, Topology(num_replicas=K, ranks_per_replica=1, rank=k),
-                                            ModuleShard(named, frags), InProcessBackend(group, k), MetricsLogger()))
+                self.outer.append(OuterSync(cfg, k, ModuleShard(named, frags), InProcessBackend(group, k),
+                                            SyncObserver(MetricsLogger())))
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
 
-    def outer_phases(self, step: int) -> None:
-        """finish_due, start_due, finish_started: each for every replica before the next.
+    def outer_events(self, step: int) -> None:
+        """The schedule's events after `step`, each for every replica before the next.
 
-        Every replica is poked before each phase (engine.step pokes too): an exchange whose
+        Every replica is poked before each event (engine.step pokes too): an exchange whose
         first collective is complete launches its next one there, e.g. two-phase's all-gather,
-        so no replica waits on a collective that another has yet to launch.
+        so no replica waits on a collective that another has yet to launch. (`ModuleShard`
+        has nothing to refresh after a finish, so `OuterSync.after_inner_step`'s refresh is
+        not needed here.)
         """
-        for phase in ("finish_due", "start_due", "finish_started"):
+        for event in self.outer[0].schedule.events(step):
             for o in self.outer:
                 o.poke()
-            calls = [getattr(o, phase) for o in self.outer]
             if self.pool is not None:
-                list(self.pool.map(lambda f: f(step), calls))
+                list(self.pool.map(lambda o: o.handle(event, step), self.outer))
             else:
-                for f in calls:
-                    f(step)
+                for o in self.outer:
+                    o.handle(event, step)
 
 
 def simulate(ds_config: dict, *, steps: int, model: str = "tiny", model_overrides: dict | None = None,
@@ -248,7 +175,7 @@ def simulate(ds_config: dict, *, steps: int, model: str = "tiny", model_override
 
         with dynamo.config.patch(disable=True):
             if str((ds.get("optimizer") or {}).get("type", "")).lower() == "muon":
-                from .inner import install_update_scale
+                from ..inner import install_update_scale
                 install_update_scale(cfg.inner.muon_update_scale)
             overrides = dict(model_overrides or {})
             if block_size is not None:
@@ -292,7 +219,7 @@ def _train(run: _Run, splits: TokenSplits, *, steps: int, seed: int, micro: int,
                 loss_n += 1
             inner.step()
         if run.outer:
-            run.outer_phases(step)
+            run.outer_events(step)
         if on_step is not None:
             on_step(step, run.models)
         diverged = not math.isfinite(loss_acc)
@@ -312,7 +239,7 @@ def _train(run: _Run, splits: TokenSplits, *, steps: int, seed: int, micro: int,
     if run.outer:
         bytes_sent = [o.comm.bytes_sent for o in run.outer]
         outer_steps = [o.outer_steps for o in run.outer]
-    else:  # the DDP ring all-reduce model of DESIGN §4, not a measurement
+    else:  # the DDP ring all-reduce model (docs/design.md §5), not a measurement
         bytes_sent = [step * wire_bytes("all_reduce", 4 * n_params, world)]
         outer_steps = [0]
     return {"eval_loss": history["eval_loss"], "train_loss": history["train_loss"],
