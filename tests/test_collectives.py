@@ -8,7 +8,7 @@ import torch
 
 from streaming_muloco.collectives import PseudoGradExchange
 from streaming_muloco.comm.inprocess import InProcessBackend, InProcessGroup
-from streaming_muloco.compression import make_compressor
+from streaming_muloco.compressors import make_compressor
 from streaming_muloco.config import CompressionConfig
 from streaming_muloco.error_feedback import ErrorFeedback
 

@@ -11,10 +11,10 @@ from streaming_muloco.compression import (
     METHODS,
     Compressor,
     has_nonfinite,
-    make_compressor,
     pack_bits,
     unpack_bits,
 )
+from streaming_muloco.compressors import make_compressor
 from streaming_muloco.quantizers import e3m0_table, round_down, round_up
 
 ALL = [("none", 8), ("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 8), ("statistical", 4),
