@@ -130,12 +130,15 @@ class _BlockQuantizer(Compressor):
 
     @property
     def alignment(self) -> int:
+        """Blocks start at multiples of block_size, so a cut there leaves every block whole."""
         return self.block_size
 
     def _encode(self, x: torch.Tensor, p: Payload) -> None:
+        """The block split every quantizer needs, made once here."""
         self._quantize(x, p, Blocks(x.numel(), self.block_size, x.device))
 
     def _decode(self, p: Payload, out: torch.Tensor) -> None:
+        """The block split on the payload's device (where the scratch buffers live)."""
         self._dequantize(p, out, Blocks(p.numel, self.block_size, p.codes.device))
 
     def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:
