@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from streaming_muloco.compression import make_compressor  # noqa: E402
+from streaming_muloco.compressors import make_compressor  # noqa: E402
 
 METHODS: list[tuple[str, int]] = [("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 2),
                                   ("statistical", 4), ("e3m0", 4), ("topk", 32)]

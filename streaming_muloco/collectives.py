@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .comm.base import CommBackend, Handle
-from .compression import Compressor, make_compressor
+from .compression import Compressor
+from .compressors import make_compressor
 from .config import CompressionConfig
 from .error_feedback import ErrorFeedback
 
@@ -137,8 +138,8 @@ class PseudoGradExchange:
 
     def chunk_numel(self, numel: int) -> int:
         """Elements per two-phase chunk: ceil(numel/K), rounded up to the compressor's alignment."""
-        align = self.cfg.block_size if self.cfg.method in ("linear", "statistical", "e3m0") else 1
-        return max(align, math.ceil(math.ceil(numel / self.K) / align) * align)
+        block = self.compressor.alignment if self.compressor is not None else 1
+        return max(block, math.ceil(math.ceil(numel / self.K) / block) * block)
 
     def encode(self, fragment_id: int, delta: torch.Tensor) -> Encoded:
         """Error feedback and compression of `delta` (flat fp32); `delta` itself is not changed."""

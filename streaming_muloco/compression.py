@@ -1,5 +1,6 @@
-"""Pseudo-gradient compression: the wire format and the compressor API (DESIGN §1, error feedback).
+"""Pseudo-gradient compression: the wire format and the compressor API (docs/design.md §5).
 
+    from streaming_muloco.compressors import make_compressor
     comp = make_compressor("linear", bits=2, block_size=256, topk_fraction=0.01)
     payload = comp.compress(delta)                  # delta: flat fp32, any device
     buf = payload.to_flat_bytes()                   # ONE uint8 buffer per rank ...
@@ -15,8 +16,11 @@ Methods and what one element costs on the wire (B = block_size, meta 2 bytes in 
 - "topk":        the k = max(1, ceil(fraction·numel)) largest |x| as fp32 values plus int32
                  indices, 64·k/numel bits.
 
-This module holds the `Payload`, the `Compressor` base, bit packing, the two non-block methods,
-the factory and the non-finite check; the block quantizers live in `quantizers.py`.
+This module is the base: the `Payload`, the `Compressor` base class (which owns the input
+checks, payload allocation and empty case of every method), bit packing, the two non-block
+methods and the non-finite check. It imports no other compressor module: the block quantizers
+build on it in `quantizers.py`, and the factory `make_compressor`, the one place that knows
+every method, lives in `compressors.py`.
 
 Design choices that matter for the wire:
 - A payload's size is a function of (numel, config) only, so every rank of a collective knows
@@ -43,7 +47,7 @@ import torch
 
 __all__ = [
     "METHODS", "META_DTYPES", "Compressor", "Payload", "IdentityCompressor", "TopKCompressor",
-    "make_compressor", "pack_bits", "unpack_bits", "has_nonfinite",
+    "pack_bits", "unpack_bits", "has_nonfinite",
 ]
 
 METHODS = ("none", "linear", "statistical", "e3m0", "topk")
@@ -129,13 +133,39 @@ class Compressor:
     def name(self) -> str:
         return f"{self.method}{self.bits}" if self.method in ("linear", "statistical") else self.method
 
+    @property
+    def alignment(self) -> int:
+        """Elements: a cut at a multiple of this splits no block, so each piece of a vector cut
+        there is encoded with the same per-block parameters as in the whole. 1 when there are no
+        blocks; top-k's selection still depends on the whole piece, so its pieces are not exact."""
+        return 1
+
     def layout(self, numel: int) -> Layout:
         raise NotImplementedError
 
     def compress(self, x: torch.Tensor) -> Payload:
-        raise NotImplementedError
+        """The payload of flat `x`; checks, allocation and the empty case live here once, so a
+        method only writes `_encode`."""
+        x = as_flat_f32(x)
+        p = self._alloc(x.numel(), x.device)
+        if x.numel():
+            self._encode(x, p)
+        return p
 
     def decompress(self, p: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded fp32 values of `p`, written into `out` when given (checked to fit)."""
+        self._check_payload(p)
+        out = output_buffer(out, p.numel, p.codes.device)
+        if p.numel:
+            self._decode(p, out)
+        return out
+
+    def _encode(self, x: torch.Tensor, p: Payload) -> None:
+        """Fill the freshly allocated `p` from `x` (flat contiguous fp32, not empty)."""
+        raise NotImplementedError
+
+    def _decode(self, p: Payload, out: torch.Tensor) -> None:
+        """Write the p.numel (> 0) decoded values of the checked payload `p` into `out`."""
         raise NotImplementedError
 
     def payload_nbytes(self, numel: int) -> int:
@@ -284,17 +314,11 @@ class IdentityCompressor(Compressor):
     def layout(self, numel: int) -> Layout:
         return make_layout((torch.float32, numel), (torch.float32, 0), (torch.int32, 0))
 
-    def compress(self, x: torch.Tensor) -> Payload:
-        x = as_flat_f32(x)
-        p = self._alloc(x.numel(), x.device)
+    def _encode(self, x: torch.Tensor, p: Payload) -> None:
         p.codes.copy_(x)  # a copy: the caller (error feedback) may change x in place afterwards
-        return p
 
-    def decompress(self, p: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_payload(p)
-        if out is None:
-            return p.codes.clone()
-        return output_buffer(out, p.numel, p.codes.device).copy_(p.codes)
+    def _decode(self, p: Payload, out: torch.Tensor) -> None:
+        out.copy_(p.codes)
 
 
 class TopKCompressor(Compressor):
@@ -326,21 +350,13 @@ class TopKCompressor(Compressor):
         k = self.k(numel)
         return make_layout((torch.float32, k), (torch.float32, 0), (torch.int32, k))
 
-    def compress(self, x: torch.Tensor) -> Payload:
-        x = as_flat_f32(x)
-        n, dev = x.numel(), x.device
-        p = self._alloc(n, dev)
-        if n == 0:
-            return p
-        idx = self._topk_indices(x, self.k(n))
+    def _encode(self, x: torch.Tensor, p: Payload) -> None:
+        idx = self._topk_indices(x, self.k(x.numel()))
         p.indices.copy_(idx)
         torch.index_select(x, 0, idx, out=p.codes)
-        return p
 
-    def decompress(self, p: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_payload(p)
-        out = output_buffer(out, p.numel, p.codes.device).zero_()
-        return out.index_copy_(0, p.indices.long(), p.codes)
+    def _decode(self, p: Payload, out: torch.Tensor) -> None:
+        out.zero_().index_copy_(0, p.indices.long(), p.codes)
 
     def _topk_indices(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Indices of the k largest |x|; exact, and on CPU ~10x faster than `torch.topk`.
@@ -366,38 +382,6 @@ class TopKCompressor(Compressor):
         if cand.numel() < k:
             return torch.topk(x.abs(), k, sorted=False).indices
         return cand[torch.topk(x[cand].abs(), k, sorted=False).indices]
-
-
-def make_compressor(method: str, bits: int = 8, block_size: int = 256, topk_fraction: float = 0.01,
-                    *, stat_clip: float = 6.0, meta_dtype: torch.dtype = torch.bfloat16) -> Compressor:
-    """Build the compressor named by `CompressionConfig` (method, bits, block_size, topk_fraction).
-
-    Args:
-        method: one of METHODS.
-        bits: 2, 4 or 8 for "linear" and "statistical"; 4 for "e3m0"; ignored for "none"/"topk".
-        block_size: elements per block (one set of metadata each) for the block quantizers.
-        topk_fraction: share of elements "topk" sends, in (0, 1].
-        stat_clip: "statistical" bins span mean ± stat_clip·σ (the MuLoCo code uses 6).
-        meta_dtype: dtype of per-block metadata: bfloat16 (default; fp32 range), float16 (finer,
-            but |values| must stay below 65504) or float32.
-    """
-    from .quantizers import E3M0Quantizer, LinearQuantizer, StatisticalQuantizer  # they build on this module
-
-    if method == "none":
-        return IdentityCompressor()
-    if method == "topk":
-        return TopKCompressor(topk_fraction)
-    if meta_dtype not in META_DTYPES:
-        raise ValueError(f"meta_dtype ({meta_dtype}) must be torch.bfloat16, torch.float16 or torch.float32")
-    if method == "linear":
-        return LinearQuantizer(bits, block_size, meta_dtype)
-    if method == "statistical":
-        return StatisticalQuantizer(bits, block_size, stat_clip, meta_dtype)
-    if method == "e3m0":
-        if bits != 4:
-            raise ValueError(f"bits ({bits}) must be 4 for method 'e3m0' (1 sign + 3 exponent bits)")
-        return E3M0Quantizer(block_size, meta_dtype)
-    raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def has_nonfinite(x: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ SECTION = "streaming_muloco"
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How pseudo-gradients are compressed on the wire (DESIGN §1, error feedback)."""
+    """How pseudo-gradients are compressed on the wire (docs/design.md §1 and §5)."""
 
     method: Literal["none", "linear", "statistical", "e3m0", "topk"] = "none"
     bits: int = 8
@@ -179,7 +179,7 @@ def parse_section(raw: dict | None) -> StreamingMuLoCoConfig:
 
 
 def check_deepspeed_keys(ds_config: dict) -> None:
-    """Reject DeepSpeed settings that are known to break Muon (DESIGN §7)."""
+    """Reject DeepSpeed settings that are known to break Muon (docs/design.md §2)."""
     opt = ds_config.get("optimizer", {})
     if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "muon":
         clip = ds_config.get("gradient_clipping", 1.0)

@@ -1,7 +1,9 @@
 """Block quantizers for pseudo-gradients: linear (min/max), statistical (MuLoCo) and E3M0.
 
-Built by `compression.make_compressor`; they share the wire format and `Compressor` base of
-`compression.py`. Per-block metadata is stored in `meta_dtype` (default bfloat16: 2 bytes like
+Built by `compressors.make_compressor`; they share the wire format and `Compressor` base of
+`compression.py`, whose `compress`/`decompress` do the checks, allocation and empty case and call
+`_BlockQuantizer`'s hooks, which split the tensor into `Blocks` for each method's `_quantize` /
+`_dequantize`. Per-block metadata is stored in `meta_dtype` (default bfloat16: 2 bytes like
 fp16 but with fp32's range, so tiny or huge pseudo-gradients never under/overflow). Block minima
 are rounded DOWN and scales UP before the codes are computed from the stored values, so the
 error bounds hold exactly for what the receiver decodes.
@@ -19,9 +21,7 @@ from .compression import (
     Compressor,
     Layout,
     Payload,
-    as_flat_f32,
     make_layout,
-    output_buffer,
     pack_into,
     unpack_into,
 )
@@ -128,6 +128,27 @@ class _BlockQuantizer(Compressor):
         self.meta_per_block = meta_per_block
         self._luts: dict[tuple[str, torch.device], torch.Tensor] = {}
 
+    @property
+    def alignment(self) -> int:
+        """Blocks start at multiples of block_size, so a cut there leaves every block whole."""
+        return self.block_size
+
+    def _encode(self, x: torch.Tensor, p: Payload) -> None:
+        """The block split every quantizer needs, made once here."""
+        self._quantize(x, p, Blocks(x.numel(), self.block_size, x.device))
+
+    def _decode(self, p: Payload, out: torch.Tensor) -> None:
+        """The block split on the payload's device (where the scratch buffers live)."""
+        self._dequantize(p, out, Blocks(p.numel, self.block_size, p.codes.device))
+
+    def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:
+        """Fill `p` from `x` (flat contiguous fp32, not empty) split as `blocks`."""
+        raise NotImplementedError
+
+    def _dequantize(self, p: Payload, out: torch.Tensor, blocks: Blocks) -> None:
+        """Write the decoded values of `p` (split as `blocks`) into `out`."""
+        raise NotImplementedError
+
     def layout(self, numel: int) -> Layout:
         nb = -(-numel // self.block_size)
         return make_layout((torch.uint8, -(-numel // self.per)), (self.meta_dtype, nb * self.meta_per_block),
@@ -190,13 +211,8 @@ class LinearQuantizer(_BlockQuantizer):
         super().__init__(bits, block_size, meta_dtype, meta_per_block=2)
         self.levels = 2**bits - 1
 
-    def compress(self, x: torch.Tensor) -> Payload:
-        x = as_flat_f32(x)
-        n, dev = x.numel(), x.device
-        p = self._alloc(n, dev)
-        if n == 0:
-            return p
-        blocks = Blocks(n, self.block_size, dev)
+    def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:
+        dev = x.device
         lo = blocks.reduce(x, lambda v: v.amin(dim=1))
         hi = blocks.reduce(x, lambda v: v.amax(dim=1))
         lo_s = round_down(lo, self.meta_dtype)
@@ -216,21 +232,14 @@ class LinearQuantizer(_BlockQuantizer):
                 # two binary ops: CPU vectorises them, not the 3-operand broadcast addcmul (3x slower)
                 torch.mul(xv, inv[sl, None], out=qv).add_(bias[sl, None])
             self._store_codes(q, s, p.codes)
-        return p
 
-    def decompress(self, p: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_payload(p)
-        n, dev = p.numel, p.codes.device
-        out = output_buffer(out, n, dev)
-        if n == 0:
-            return out
-        blocks = Blocks(n, self.block_size, dev)
+    def _dequantize(self, p: Payload, out: torch.Tensor, blocks: Blocks) -> None:
+        dev = p.codes.device
         meta = p.meta.view(2, blocks.nb).float()
         for s, e in blocks.chunks():
             oc = unpack_into(self._packed(p.codes, s, e), self.bits, out[s:e], self._scratch_fn(dev))
             for ov, sl in blocks.views(oc, s, e):
                 ov.mul_(meta[1, sl, None]).add_(meta[0, sl, None])
-        return out
 
 
 class StatisticalQuantizer(_BlockQuantizer):
@@ -260,13 +269,8 @@ class StatisticalQuantizer(_BlockQuantizer):
         for iv, sl in blocks.views(ids, s, e):
             iv.add_(offsets[sl.start - b0:sl.stop - b0, None])
 
-    def compress(self, x: torch.Tensor) -> Payload:
-        x = as_flat_f32(x)
-        n, dev, nbins = x.numel(), x.device, self.nbins
-        p = self._alloc(n, dev)
-        if n == 0:
-            return p
-        blocks = Blocks(n, self.block_size, dev)
+    def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:
+        dev, nbins = x.device, self.nbins
         mean = blocks.reduce(x, lambda v: v.sum(dim=1)).div_(blocks.counts(dev))
         sq = torch.empty(blocks.nb, device=dev)
         for s, e in blocks.chunks():  # sum of squares about the mean: two passes, stable
@@ -292,15 +296,9 @@ class StatisticalQuantizer(_BlockQuantizer):
         centres = (torch.arange(nbins, device=dev) + 0.5 - nbins / 2) * width[:, None] + mean[:, None]
         means = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres.view(-1))
         p.meta.copy_(means)
-        return p
 
-    def decompress(self, p: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_payload(p)
-        n, dev = p.numel, p.codes.device
-        out = output_buffer(out, n, dev)
-        if n == 0:
-            return out
-        blocks = Blocks(n, self.block_size, dev)
+    def _dequantize(self, p: Payload, out: torch.Tensor, blocks: Blocks) -> None:
+        dev = p.codes.device
         means = p.meta.float()
         for s, e in blocks.chunks():
             ids = self._work("ids", e - s, torch.int32, dev)
@@ -308,7 +306,6 @@ class StatisticalQuantizer(_BlockQuantizer):
             self._local_ids(ids, blocks, s, e)
             b0, b1 = blocks.block_range(s, e)
             torch.index_select(means[b0 * self.nbins:b1 * self.nbins], 0, ids, out=out[s:e])
-        return out
 
 
 _F32_BITS_1_96 = 0x3C2AAAAB  # fp32 bit patterns (as int32) of 1/96 (rounded up) and of 2**-6
@@ -338,13 +335,8 @@ class E3M0Quantizer(_BlockQuantizer):
         _check_block_args(self.method, 4, (4,), block_size, meta_dtype)
         super().__init__(4, block_size, meta_dtype, meta_per_block=1)
 
-    def compress(self, x: torch.Tensor) -> Payload:
-        x = as_flat_f32(x)
-        n, dev = x.numel(), x.device
-        p = self._alloc(n, dev)
-        if n == 0:
-            return p
-        blocks = Blocks(n, self.block_size, dev)
+    def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:
+        dev = x.device
         absmax = torch.maximum(blocks.reduce(x, lambda v: v.amax(dim=1)),
                                blocks.reduce(x, lambda v: v.amin(dim=1)).neg_())
         sc_s = round_up(absmax.clamp_min_(_TINY), self.meta_dtype)
@@ -368,15 +360,9 @@ class E3M0Quantizer(_BlockQuantizer):
             yi.clamp_min_(_F32_BITS_2_M6).bitwise_right_shift_(23).sub_(120)  # biased exponent − 120 = e, 1..7
             code.bitwise_or_(yi.bitwise_and_(zero.bitwise_not_()))
             self._store_int_codes(code, s, p.codes)
-        return p
 
-    def decompress(self, p: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_payload(p)
-        n, dev = p.numel, p.codes.device
-        out = output_buffer(out, n, dev)
-        if n == 0:
-            return out
-        blocks = Blocks(n, self.block_size, dev)
+    def _dequantize(self, p: Payload, out: torch.Tensor, blocks: Blocks) -> None:
+        dev = p.codes.device
         table = self._lut("e3m0", dev, lambda: e3m0_table(dev))
         sc = p.meta.float()
         for s, e in blocks.chunks():
@@ -385,4 +371,3 @@ class E3M0Quantizer(_BlockQuantizer):
             oc = torch.index_select(table, 0, codes, out=out[s:e])
             for ov, sl in blocks.views(oc, s, e):
                 ov.mul_(sc[sl, None])
-        return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streaming_muloco.collectives import PseudoGradExchange
-from streaming_muloco.compression import make_compressor
+from streaming_muloco.compressors import make_compressor
 from streaming_muloco.config import CompressionConfig
 from streaming_muloco.error_feedback import ErrorFeedback
 from streaming_muloco.sim.inprocess import InProcessBackend, InProcessGroup
@@ -71,6 +71,17 @@ def test_two_phase_equals_its_single_process_reference(method, bits):
     for k in range(K):
         assert torch.equal(means[k][0], means[0][0])
     assert torch.allclose(means[0][0], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, bits", [("none", 8), ("linear", 2), ("statistical", 4), ("e3m0", 4), ("topk", 8)])
+def test_two_phase_chunks_are_cut_at_the_compressors_alignment(method, bits):
+    K, block = 3, 48
+    x = PseudoGradExchange(CompressionConfig(method=method, bits=bits, block_size=block, collective="two_phase"),
+                           InProcessBackend(InProcessGroup(K), 0), num_fragments=1)
+    align = block if method in ("linear", "statistical", "e3m0") else 1
+    for n in (1, 47, 1000, 4099):
+        chunk = x.chunk_numel(n)
+        assert chunk % align == 0 and chunk * K >= n and chunk < max(align, -(-n // K) + align)
 
 
 def test_two_phase_sends_about_2_k_minus_1_over_k_of_one_payload():

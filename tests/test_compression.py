@@ -11,10 +11,10 @@ from streaming_muloco.compression import (
     METHODS,
     Compressor,
     has_nonfinite,
-    make_compressor,
     pack_bits,
     unpack_bits,
 )
+from streaming_muloco.compressors import make_compressor
 from streaming_muloco.quantizers import e3m0_table, round_down, round_up
 
 ALL = [("none", 8), ("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 8), ("statistical", 4),
@@ -236,6 +236,42 @@ def test_cache_sized_chunks_give_the_same_payload_as_one_pass(method: str, bits:
     chunked = comp(method, bits, block).compress(x)
     assert torch.equal(chunked.to_flat_bytes(), whole.to_flat_bytes())
     assert torch.equal(comp(method, bits, block).decompress(chunked), c.decompress(whole))
+
+
+# -- alignment: where a vector may be cut (two-phase chunks) ----------------------------------
+BLOCK_METHODS = ("linear", "statistical", "e3m0")
+EXACT_PIECES = [m for m in ALL if m[0] != "topk"]  # top-k keeps the k largest of each piece: never exact
+
+
+def _whole_and_pieces(c: Compressor, x: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x decoded after compressing it whole, and after compressing x[:cut] and x[cut:] apart."""
+    pieces = torch.cat([c.decompress(c.compress(x[:cut])), c.decompress(c.compress(x[cut:]))])
+    return c.decompress(c.compress(x)), pieces
+
+
+@pytest.mark.parametrize("cpu_chunk", [None, 100])  # 100: chunk edges of the pieces and the whole differ
+@pytest.mark.parametrize("block", [5, 64])
+@pytest.mark.parametrize("method,bits", EXACT_PIECES, ids=[f"{m}{b}" for m, b in EXACT_PIECES])
+def test_pieces_cut_at_a_multiple_of_alignment_decode_exactly_like_the_whole(
+        method: str, bits: int, block: int, cpu_chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if cpu_chunk is not None:
+        monkeypatch.setattr(compression, "CPU_CHUNK", cpu_chunk)
+    c = comp(method, bits, block)
+    assert c.alignment == (block if method in BLOCK_METHODS else 1)
+    g = torch.Generator().manual_seed(block)
+    x = torch.randn(3001, generator=g) * torch.rand(3001, generator=g) * 4  # and a tail block
+    for k in (1, 3, 17, 46):
+        whole, pieces = _whole_and_pieces(c, x, k * c.alignment)
+        assert torch.equal(pieces, whole), f"cut at {k}·{c.alignment}"
+
+
+@pytest.mark.parametrize("method,bits", [("linear", 2), ("statistical", 2), ("e3m0", 4)])
+def test_a_cut_inside_a_block_changes_the_decode(method: str, bits: int) -> None:
+    c = comp(method, bits, 64)
+    x = torch.randn(3001, generator=torch.Generator().manual_seed(0))
+    whole, pieces = _whole_and_pieces(c, x, 5 * c.alignment + 32)  # block 5 is split; later blocks shift
+    assert torch.equal(pieces[:5 * 64], whole[:5 * 64])  # the blocks before the cut are untouched
+    assert not torch.equal(pieces, whole)
 
 
 # -- degenerate inputs ------------------------------------------------------------------------

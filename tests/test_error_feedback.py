@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_muloco.compression import make_compressor
+from streaming_muloco.compressors import make_compressor
 from streaming_muloco.error_feedback import ErrorFeedback
 
 LOSSY = [("linear", 2), ("linear", 4), ("statistical", 2), ("e3m0", 4), ("topk", 8)]
