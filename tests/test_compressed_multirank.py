@@ -64,3 +64,23 @@ def test_mpi_backend_gives_the_same_compressed_result_as_gloo(gloo, mpi, name):
     for r in range(4):
         for step in range(STEPS):
             assert max_diff(gloo[name][r]["snapshots"][step], mpi[name + "_mpi"][r]["snapshots"][step]) == 0.0
+
+
+def test_each_replica_reports_its_cosine_and_compression_error_for_the_whole_fragment(gloo):
+    """Compressed syncs hold this replica's decoded contribution, so its cosine to the mean is
+    reported; the sums over the replica's two shards make both ranks of a replica agree."""
+    def metric(rank: dict, tag: str) -> dict[int, float]:
+        return {step: value for t, value, step in rank["info"]["metrics"] if t == tag}
+
+    ranks = gloo["c2bit"]
+    for tag in ("outer/replica_cosine_to_mean/fragment0", "compress/relative_error", "compress/ef_residual_norm",
+                "outer/pseudo_grad_norm/fragment0"):
+        per_rank = [metric(r, tag) for r in ranks]
+        assert all(sorted(m) == [H, 2 * H, 3 * H] for m in per_rank), (tag, per_rank)
+        assert per_rank[0] == per_rank[1] and per_rank[2] == per_rank[3], tag  # shards of one replica
+    cos = [metric(r, "outer/replica_cosine_to_mean/fragment0") for r in ranks]
+    assert cos[0] != cos[2]  # the replicas trained on different data
+    assert all(0.0 < v <= 1.0 for m in cos for v in m.values()), cos
+    err = metric(ranks[0], "compress/relative_error")
+    assert all(0.0 < v < 1.0 for v in err.values()), err  # 2 bits lose something, not everything
+    assert all(v > 0 for v in metric(ranks[0], "compress/ef_residual_norm").values())

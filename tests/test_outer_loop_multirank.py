@@ -59,20 +59,21 @@ def snapshots(tmp_path_factory):
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(4)] for name in SCENARIOS}
 
 
-def reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]:
+def reference(opt: dict, K: int, D: int, outer: dict | None, norms: dict | None = None) -> list[list[dict]]:
     """`_reference` with Newton-Schulz in fp32, as in the worker (tests/workers/ns_precision.py)."""
     from workers.ns_precision import newton_schulz_fp32
 
     with newton_schulz_fp32():
-        return _reference(opt, K, D, outer)
+        return _reference(opt, K, D, outer, norms)
 
 
-def _reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]]:
+def _reference(opt: dict, K: int, D: int, outer: dict | None, norms: dict | None = None) -> list[list[dict]]:
     """Single-process (Streaming) DiLoCo/MuLoCo: K model copies, each fed the batches of its D ranks.
 
     Outer syncs follow docs/design.md §1 and §3 literally: fragment p starts after steps t with
     (t - p*H//P) % H == 0, sends theta_g - local, and sync_delay steps later takes an outer
-    SGD step and sets local = alpha*local_now + (1 - alpha)*theta_g.
+    SGD step and sets local = alpha*local_now + (1 - alpha)*theta_g. `norms`, if given, gets
+    {(start step, fragment): norm of the mean pseudo-gradient}.
     """
     from deepspeed.runtime.zero.muon.original_muon import muon_update
 
@@ -138,6 +139,8 @@ def _reference(opt: dict, K: int, D: int, outer: dict | None) -> list[list[dict]
                     pending[p] = {n: theta_g[n].detach() - torch.stack([dict(m.named_parameters())[n]
                                                                         for m in replicas]).mean(0)
                                   for n in frags[p]}
+                if norms is not None:
+                    norms[(step, p)] = torch.sqrt(sum(v.double().pow(2).sum() for v in pending[p].values())).item()
                 if tau == 0:
                     finish(p)
         snaps.append([{n: p.detach().clone() for n, p in m.named_parameters()} for m in replicas])
@@ -205,6 +208,26 @@ def test_streaming_replicas_agree_on_each_fragment_when_it_syncs(snapshots):
             assert max_diff(synced, {n: other[n] for n in frags[p]}) == 0.0, (p, finish_step)
         unsynced = frags[1 - p]
         assert max_diff({n: snaps[0][n] for n in unsynced}, {n: snaps[2][n] for n in unsynced}) > 0
+
+
+def _metric(rank: dict, tag: str) -> dict[int, float]:
+    return {step: value for t, value, step in rank["info"]["metrics"] if t == tag}
+
+
+@pytest.mark.parametrize("name, opt", [("diloco_z2", ADAMW), ("muloco_z2", MUON)])
+def test_every_rank_reports_the_norm_of_the_whole_fragments_mean_pseudo_gradient(snapshots, name, opt):
+    """Each rank holds half of the fragment (D = 2); the norm it reports is summed over the
+    replica's shards (an asynchronous collective), so all four ranks report the reference's."""
+    norms: dict = {}
+    reference(opt, K=2, D=2, outer=OUTER, norms=norms)
+    for rank in snapshots[name]:
+        got = _metric(rank, "outer/pseudo_grad_norm/fragment0")
+        assert sorted(got) == [H, 2 * H, 3 * H]
+        for step, value in got.items():
+            assert abs(value - norms[(step, 0)]) <= 1e-4 * norms[(step, 0)], (name, step, value, norms[(step, 0)])
+        # fp32 is all-reduced in place: no copy is kept for a cosine (docs/design.md §7)
+        assert _metric(rank, "outer/replica_cosine_to_mean/fragment0") == {}
+        assert sorted(_metric(rank, "outer/steps").items()) == [(H, 1.0), (2 * H, 2.0), (3 * H, 3.0)]
 
 
 def test_alpha_one_leaves_training_as_if_replicas_never_talked(snapshots):

@@ -3,7 +3,8 @@
     python tests/workers/outer_loop_worker.py SCENARIOS.json OUT_DIR
 
 Each scenario is {"name", "ds_config", "steps", "seed", "micro"}. For every scenario this rank
-writes OUT_DIR/<name>.rank<r>.pt holding the full module parameters after every inner step.
+writes OUT_DIR/<name>.rank<r>.pt holding the full module parameters after every inner step and
+every scalar metric the engine reported on this rank.
 Runs several scenarios in one process group so the test pays process start-up once.
 """
 import json
@@ -14,11 +15,22 @@ import torch
 import torch.distributed as dist
 
 import streaming_muloco
+from streaming_muloco.metrics import MetricsLogger
 from streaming_muloco.data import get_batch, load_tokens
 from streaming_muloco.model import build_model
 from ns_precision import newton_schulz_fp32
 
 BLOCK = 32
+
+
+class RecordingLogger(MetricsLogger):
+    """Keeps every scalar the engine reports on this rank, to be saved with the snapshots."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, int]] = []
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.rows.append((tag, float(value), step))
 
 
 def main() -> None:
@@ -28,7 +40,8 @@ def main() -> None:
     for sc in scenarios:
         torch.manual_seed(sc["seed"])
         model = build_model("tiny", block_size=BLOCK, n_embd=32, n_head=2)
-        engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"])
+        metrics = RecordingLogger()
+        engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"], metrics=metrics)
         rank = dist.get_rank()
         snapshots = []
         for step in range(1, sc["steps"] + 1):
@@ -40,6 +53,9 @@ def main() -> None:
         info = {"muon": engine.muon_param_names(), "replica": engine.replica_id, "shard": engine.shard_id,
                 "outer_steps": engine.outer.outer_steps if engine.outer else 0,
                 "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0}
+        if engine.outer:
+            engine.outer.observer.summary()  # the last sync's metrics arrive here
+        info["metrics"] = metrics.rows
         torch.save({"snapshots": snapshots, "info": info}, out / f"{sc['name']}.rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
