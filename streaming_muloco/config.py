@@ -102,28 +102,30 @@ class StreamingMuLoCoConfig:
     def validate(self) -> None:
         p = SECTION
         if self.num_replicas < 1:
-            raise ConfigError(f"{p}.num_replicas ({self.num_replicas}) must be >= 1")
+            raise ConfigError(f"{p}.num_replicas ({self.num_replicas}) must be >= 1: it is K, the number of replicas "
+                              f"(world size = K x D)")
         if self.ranks_per_replica < 0:
             raise ConfigError(f"{p}.ranks_per_replica ({self.ranks_per_replica}) must be >= 1, or 0 to derive it")
         if self.sync_every < 1:
             raise ConfigError(f"{p}.sync_every ({self.sync_every}) must be >= 1 inner step")
         if self.num_fragments < 1:
-            raise ConfigError(f"{p}.num_fragments ({self.num_fragments}) must be >= 1")
+            raise ConfigError(f"{p}.num_fragments ({self.num_fragments}) must be >= 1; use 1 for plain DiLoCo")
         if self.num_fragments > self.sync_every:
             raise ConfigError(f"{p}.num_fragments ({self.num_fragments}) must be <= sync_every ({self.sync_every}): "
-                              f"each fragment needs its own start step")
+                              f"each fragment needs its own start step; lower num_fragments or raise sync_every")
         if self.sync_delay < 0:
-            raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be >= 0")
+            raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be >= 0; use 0 for no overlap")
         if self.sync_delay >= self.sync_every / self.num_fragments:
             raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be < sync_every/num_fragments "
                               f"({self.sync_every / self.num_fragments:g}): a fragment must finish before the next "
                               f"one starts; lower sync_delay or num_fragments")
         if not 0.0 <= self.mix_alpha <= 1.0:
-            raise ConfigError(f"{p}.mix_alpha ({self.mix_alpha}) must be in [0, 1]")
+            raise ConfigError(f"{p}.mix_alpha ({self.mix_alpha}) must be in [0, 1]: 0 restarts each replica from "
+                              f"the outer result (DiLoCo), 1 keeps its local progress")
         if self.outer_lr <= 0:
-            raise ConfigError(f"{p}.outer_lr ({self.outer_lr}) must be > 0")
+            raise ConfigError(f"{p}.outer_lr ({self.outer_lr}) must be > 0; DiLoCo uses 0.7")
         if not 0.0 <= self.outer_momentum < 1.0:
-            raise ConfigError(f"{p}.outer_momentum ({self.outer_momentum}) must be in [0, 1)")
+            raise ConfigError(f"{p}.outer_momentum ({self.outer_momentum}) must be in [0, 1); DiLoCo uses 0.9")
         self.inner.validate(f"{p}.inner")
         self.compression.validate(f"{p}.compression")
         self.comm.validate(f"{p}.comm")
