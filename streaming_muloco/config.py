@@ -29,7 +29,7 @@ SECTION = "streaming_muloco"
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How pseudo-gradients are compressed on the wire (docs/design.md §1, error feedback)."""
+    """How pseudo-gradients are compressed on the wire (docs/design.md §1 and §5)."""
 
     method: Literal["none", "linear", "statistical", "e3m0", "topk"] = "none"
     bits: int = 8
@@ -430,7 +430,10 @@ def check_scheduler(ds_config: dict) -> None:
 
 
 def check_deepspeed_keys(ds_config: dict) -> None:
-    """DeepSpeed keys that DeepSpeed would refuse late, or that are known to break Muon (docs/design.md §7)."""
+    """Reject DeepSpeed settings that are known to break Muon (docs/design.md §2).
+
+    And the DeepSpeed keys DeepSpeed itself would refuse only after start-up: their value types,
+    the optimizer and scheduler, named by dotted key."""
     for key in BATCH_KEYS + ("steps_per_print",):
         if key in ds_config:
             _check_kind(key, ds_config[key], "int")

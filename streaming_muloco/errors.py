@@ -1,4 +1,4 @@
-"""The errors a user acts on, and how one of them is printed: once per job.
+"""The errors a user acts on, and how one of them is printed: once per job (docs/design.md §6).
 
 `train.main` catches `UserError` and prints exactly one `error: ...` line per job, no
 traceback, exit code `exit_code`. Every other exception is a bug (or a library's failure) and
