@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
