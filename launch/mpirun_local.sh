@@ -9,6 +9,9 @@ shift 2
 cd "$REPO"
 # --oversubscribe: more ranks than cores is fine for the tiny CPU model.
 # --bind-to none: let 2-thread ranks share cores instead of pinning all to core 0.
+# When a rank exits non-zero, mpirun prints its own "prterun detected that one or more processes
+# exited with non-zero status" banner after our one `error:` line; no option removes it without
+# also hiding real failures (README, "The launcher's own banner").
 exec mpirun -np "$N" --oversubscribe --bind-to none \
   -x DS_ACCELERATOR -x PYTHONWARNINGS -x PATH -x OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
   python -m streaming_muloco.train --ds-config "$CONFIG" "$@"

@@ -1,20 +1,25 @@
-"""The strict, typed `streaming_muloco` section of a DeepSpeed JSON config.
+"""The strict, typed `streaming_muloco` section of a DeepSpeed JSON config, and reading the JSON.
 
-DeepSpeed's own keys stay DeepSpeed's: this module only reads our section (and a few
-DeepSpeed keys whose combination with ours is known to be broken), and hands DeepSpeed the
-config without our section. Every mistake raises `ConfigError` naming the dotted key and the
-fix, before any process group is built.
+DeepSpeed's own keys stay DeepSpeed's: this module reads our section strictly, has
+`ds_checks.py` check what DeepSpeed itself would refuse late or get wrong silently, and hands
+DeepSpeed the config without our section. Every mistake raises `ConfigError` naming the dotted
+key and the fix, before any process group is built. This is the one place where a value is checked against the key it came from: the
+algorithm modules (schedule, fragments, outer optimizer) raise plain ValueErrors about their
+own arguments, and everything they would refuse is refused here first.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .ds_checks import check_batch_keys, check_deepspeed_keys, check_finite, join_key, non_finite_error, quoted_number_hint
 from .errors import ConfigError
 
 SECTION = "streaming_muloco"
@@ -95,28 +100,30 @@ class StreamingMuLoCoConfig:
     def validate(self) -> None:
         p = SECTION
         if self.num_replicas < 1:
-            raise ConfigError(f"{p}.num_replicas ({self.num_replicas}) must be >= 1")
+            raise ConfigError(f"{p}.num_replicas ({self.num_replicas}) must be >= 1: it is K, the number of replicas "
+                              f"(world size = K x D)")
         if self.ranks_per_replica < 0:
             raise ConfigError(f"{p}.ranks_per_replica ({self.ranks_per_replica}) must be >= 1, or 0 to derive it")
         if self.sync_every < 1:
             raise ConfigError(f"{p}.sync_every ({self.sync_every}) must be >= 1 inner step")
         if self.num_fragments < 1:
-            raise ConfigError(f"{p}.num_fragments ({self.num_fragments}) must be >= 1")
+            raise ConfigError(f"{p}.num_fragments ({self.num_fragments}) must be >= 1; use 1 for plain DiLoCo")
         if self.num_fragments > self.sync_every:
             raise ConfigError(f"{p}.num_fragments ({self.num_fragments}) must be <= sync_every ({self.sync_every}): "
-                              f"each fragment needs its own start step")
+                              f"each fragment needs its own start step; lower num_fragments or raise sync_every")
         if self.sync_delay < 0:
-            raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be >= 0")
+            raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be >= 0; use 0 for no overlap")
         if self.sync_delay >= self.sync_every / self.num_fragments:
             raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be < sync_every/num_fragments "
                               f"({self.sync_every / self.num_fragments:g}): a fragment must finish before the next "
                               f"one starts; lower sync_delay or num_fragments")
         if not 0.0 <= self.mix_alpha <= 1.0:
-            raise ConfigError(f"{p}.mix_alpha ({self.mix_alpha}) must be in [0, 1]")
+            raise ConfigError(f"{p}.mix_alpha ({self.mix_alpha}) must be in [0, 1]: 0 restarts each replica from "
+                              f"the outer result (DiLoCo), 1 keeps its local progress")
         if self.outer_lr <= 0:
-            raise ConfigError(f"{p}.outer_lr ({self.outer_lr}) must be > 0")
+            raise ConfigError(f"{p}.outer_lr ({self.outer_lr}) must be > 0; DiLoCo uses 0.7")
         if not 0.0 <= self.outer_momentum < 1.0:
-            raise ConfigError(f"{p}.outer_momentum ({self.outer_momentum}) must be in [0, 1)")
+            raise ConfigError(f"{p}.outer_momentum ({self.outer_momentum}) must be in [0, 1); DiLoCo uses 0.9")
         self.inner.validate(f"{p}.inner")
         self.compression.validate(f"{p}.compression")
         self.comm.validate(f"{p}.comm")
@@ -145,11 +152,13 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {value!r}{quoted_number_hint(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {value!r}{quoted_number_hint(value)}")
+        if not math.isfinite(value):
+            raise non_finite_error(key, value)
         return float(value)
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
@@ -172,36 +181,30 @@ def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def parse_section(raw: dict | None) -> StreamingMuLoCoConfig:
-    """Parse and validate the `streaming_muloco` section; None means plain data parallel."""
+    """Parse and validate the `streaming_muloco` section; None (no section) means plain data parallel."""
     cfg = StreamingMuLoCoConfig(enabled=False) if raw is None else _from_dict(StreamingMuLoCoConfig, raw, SECTION)
     cfg.validate()
     return cfg
 
 
-def check_deepspeed_keys(ds_config: dict) -> None:
-    """Reject DeepSpeed settings that are known to break Muon (docs/design.md §2)."""
-    opt = ds_config.get("optimizer", {})
-    if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "muon":
-        clip = ds_config.get("gradient_clipping", 1.0)
-        if clip not in (0, 0.0):
-            raise ConfigError(f"gradient_clipping ({clip}) must be 0 with the Muon optimizer: DeepSpeed ZeRO divides "
-                              f"every Muon update by its own norm when clipping is on (DeepSpeed issue #8439), "
-                              f"which shrinks steps ~6x; set \"gradient_clipping\": 0")
-        zero = ds_config.get("zero_optimization", {})
-        if isinstance(zero, dict) and zero.get("reduce_scatter") is True and zero.get("stage", 0) in (1, 2):
-            raise ConfigError("zero_optimization.reduce_scatter must be false with the Muon optimizer: DeepSpeed's "
-                              "Muon gives rank-divergent updates with it; set \"reduce_scatter\": false")
+# ---------------------------------------------------------------------------------------------
+# Value kinds of DeepSpeed's keys. DeepSpeed passes optimizer and scheduler params straight to a
+# constructor, so a string where a number belongs fails only at the first step (or, for Muon,
+# an unknown key is dropped without a word); these tables let the check name the dotted key.
 
 
 def split_config(ds_config: dict) -> tuple[dict, StreamingMuLoCoConfig]:
     """Split a full DeepSpeed config dict into (DeepSpeed's part, our parsed section)."""
     if not isinstance(ds_config, dict):
-        raise ConfigError("the DeepSpeed config must be a JSON object")
+        raise ConfigError(f"the DeepSpeed config must be a JSON object ({{...}}), got {type(ds_config).__name__}")
+    check_finite(ds_config)
+    if SECTION in ds_config and ds_config[SECTION] is None:
+        raise ConfigError(f"{SECTION} is null: for plain DeepSpeed data parallel remove the section, or write "
+                          f"\"{SECTION}\": {{\"enabled\": false}}")
     ds = {k: v for k, v in ds_config.items() if k != SECTION}
     check_deepspeed_keys(ds)
     cfg = parse_section(ds_config.get(SECTION))
-    zero = ds.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if cfg.enabled and stage not in (1, 2):
         raise ConfigError(f"zero_optimization.stage ({stage}) must be 1 or 2 with the {SECTION} outer loop: it "
                           f"works on ZeRO's partitioned fp32 master weights; set \"zero_optimization\": "
@@ -209,15 +212,91 @@ def split_config(ds_config: dict) -> tuple[dict, StreamingMuLoCoConfig]:
     return ds, cfg
 
 
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def world_size_from_env() -> int:
+    """The world size the launcher announced, read before any process group exists (1 when none)."""
+    for var in _WORLD_SIZE_VARS:
+        value = os.environ.get(var, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"environment variable {var}={value!r} must be a positive integer (the number of "
+                                  f"ranks); it is set by the launcher")
+            return int(value)
+    return 1
+
+
+def resolve(ds_config: dict, world_size: int) -> tuple[dict, StreamingMuLoCoConfig, int, int]:
+    """Everything checkable before process groups exist, for a DeepSpeed run of `world_size` ranks.
+
+    Returns (DeepSpeed's config, our section, K, D).
+    """
+    ds, cfg = split_config(ds_config)
+    K, D = cfg.topology(world_size) if cfg.enabled else (1, world_size)
+    check_batch_keys(ds, K, D)
+    params = (ds.get("scheduler") or {}).get("params") or {}
+    if params.get("total_num_steps") == "auto":
+        raise ConfigError("scheduler.params.total_num_steps is \"auto\", which only `python -m streaming_muloco.train` "
+                          "fills in (with --steps); give the number of inner steps")
+    return ds, cfg, K, D
+
+
+class _JSONObject(dict):
+    """A parsed JSON object that remembers the keys it held twice (json.loads keeps the last)."""
+
+    duplicates: list[str]
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    obj = _JSONObject()
+    obj.duplicates = []
+    for key, value in pairs:
+        if key in obj and key not in obj.duplicates:
+            obj.duplicates.append(key)
+        obj[key] = value
+    return obj
+
+
+def _plain(node: Any, path: str, source: str) -> Any:
+    """Plain dicts again, top down, so the first duplicate found is named by its full dotted path."""
+    if isinstance(node, dict):
+        for key in getattr(node, "duplicates", ()):
+            raise ConfigError(f"{join_key(path, key)} appears twice in {source}: JSON keeps only the last value, so "
+                              f"the other is silently ignored; remove one of them")
+        return {k: _plain(v, join_key(path, k), source) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v, f"{path}[{i}]", source) for i, v in enumerate(node)]
+    return node
+
+
+def parse_json(text: str, source: str) -> dict:
+    """A DeepSpeed JSON document: valid JSON, an object at the top, no key twice in one object."""
+    try:
+        raw = json.loads(text, object_pairs_hook=_object_pairs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a JSON object ({{\"train_micro_batch_size_per_gpu\": ..., ...}}) at "
+                          f"the top level, got a {_json_type(raw)}; see ds_configs/ for working examples")
+    return _plain(raw, "", source)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def read_json(path: str | Path) -> dict:
-    """The raw DeepSpeed JSON file; a missing file or bad JSON names the file."""
+    """The raw DeepSpeed JSON file; a missing file, bad JSON or a key given twice names the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--ds-config '{path}' does not exist; see ds_configs/ for working examples")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds-config '{path}' is not valid JSON: {e}") from None
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--ds-config '{path}' cannot be read: {e}") from None
+    return parse_json(text, f"--ds-config '{path}'")
 
 
 def load_config(path: str | Path) -> tuple[dict, StreamingMuLoCoConfig]:

@@ -9,6 +9,7 @@ import lzma
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,28 +53,40 @@ def load_tokens(path: str | None, dtype: str = "uint16", vocab_size: int = 256) 
     if not p.is_file():
         raise DataError(f"data path '{path}' does not exist or is not a file; pass --data=<file.txt|file.bin> "
                         f"or --data={BUNDLED_CORPUS} for the bundled corpus")
+    size = p.stat().st_size
+    if size == 0:
+        raise DataError(f"data file '{path}' is empty (0 bytes); point --data at a non-empty .txt or token file, "
+                        f"or use --data={BUNDLED_CORPUS}")
     if p.suffix == ".txt":
         if vocab_size < ByteTokenizer.vocab_size:
             raise DataError(f"a .txt corpus is byte-tokenized (256 symbols) but model.vocab_size is {vocab_size}")
-        return np.frombuffer(p.read_bytes(), dtype=np.uint8)
+        return np.frombuffer(_read(p, lambda: p.read_bytes()), dtype=np.uint8)
     if dtype not in _DTYPES:
         raise DataError(f"--data-dtype '{dtype}' is not supported; use one of {sorted(_DTYPES)}")
     np_dtype = _DTYPES[dtype]
     itemsize = np.dtype(np_dtype).itemsize
-    size = p.stat().st_size
     if size % itemsize != 0:
         raise DataError(f"token file '{path}' has {size} bytes, not a multiple of {itemsize} ({dtype}); "
                         f"is --data-dtype right?")
     if np.iinfo(np_dtype).max + 1 < vocab_size:
         raise DataError(f"--data-dtype {dtype} holds at most {np.iinfo(np_dtype).max + 1} token ids but "
                         f"model.vocab_size is {vocab_size}; use uint32")
-    tokens = np.memmap(p, dtype=np_dtype, mode="r")
+    tokens = _read(p, lambda: np.memmap(p, dtype=np_dtype, mode="r"))
     # A cheap check on a prefix catches the common mistake of reading uint32 data as uint16.
     head_max = int(tokens[: 1 << 20].max()) if len(tokens) else 0
     if head_max >= vocab_size:
         raise DataError(f"token file '{path}' holds token id {head_max} >= model.vocab_size {vocab_size}; "
                         f"check --data-dtype ({dtype}) and the model's vocab_size")
     return tokens
+
+
+def _read(path: Path, read: Callable[[], Any]) -> Any:
+    """Run `read`, turning an OS error (permissions, a vanished file) into a DataError naming the file."""
+    try:
+        return read()
+    except OSError as e:
+        raise DataError(f"data file '{path}' cannot be read: {e.strerror or e}; check the path and its "
+                        f"permissions") from None
 
 
 @dataclass

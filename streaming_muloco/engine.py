@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,34 +22,22 @@ import torch.distributed as dist
 
 log = logging.getLogger("streaming_muloco")
 
-from .config import ConfigError, StreamingMuLoCoConfig, split_config
+from .config import ConfigError, StreamingMuLoCoConfig, read_json, resolve, world_size_from_env
 from .inner import install_update_scale, muon_param_names, uses_muon
 from .metrics import MetricsLogger
 from .topology import Topology
-
-_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 
 
 def launched_world_size() -> int:
     """The world size the launcher announced, read before any process group exists."""
     if dist.is_initialized():
         return dist.get_world_size()
-    for var in _WORLD_SIZE_VARS:
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    return world_size_from_env()
 
 
 def resolve_config(config: dict | str | Path) -> tuple[dict, StreamingMuLoCoConfig, int, int]:
-    """Parse and validate everything that can be checked before process groups exist."""
-    if isinstance(config, (str, Path)):
-        from .config import load_config
-        ds_config, cfg = load_config(config)
-    else:
-        ds_config, cfg = split_config(config)
-    world = launched_world_size()
-    K, D = cfg.topology(world) if cfg.enabled else (1, world)
-    return ds_config, cfg, K, D
+    """Parse and validate everything that can be checked before process groups exist (config.resolve)."""
+    return resolve(read_json(config) if isinstance(config, (str, Path)) else config, launched_world_size())
 
 
 def init_distributed(timeout_s: float) -> None:

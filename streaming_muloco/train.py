@@ -12,29 +12,44 @@ Examples (run from the repository root; see README.md for the setup):
     # the deepspeed launcher on one host (CPU needs --num_accelerators)
     deepspeed --num_accelerators 2 --module streaming_muloco.train --ds-config ds_configs/muloco_cpu.json
 
-Any key of the JSON can be overridden: `--set streaming_muloco.sync_every=10 --set optimizer.params.lr=0.01`.
+Any key of the JSON can be overridden: `--set streaming_muloco.sync_every=10 --set optimizer.params.lr=0.01`;
+a key the file does not hold needs a leading `+` (`--set +gradient_clipping=0`), so a typo is refused
+instead of added (keys of the strict streaming_muloco section need no `+`).
+
+A bad config, argument, data file or checkpoint path stops the job before any process group
+starts, with one `error: ...` line (from rank 0 under a launcher) and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .config import read_json
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from .config import SECTION, read_json
+from .errors import CheckpointError, ConfigError, UserError, report
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting: under a launcher every rank parses
+    the same argv, and `main` prints the error once per job, as one `error:` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m streaming_muloco.train", description=__doc__.split("\n")[0])
+    p = _ArgumentParser(prog="python -m streaming_muloco.train", description=__doc__.split("\n")[0])
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON, optionally with a streaming_muloco section")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override a config key by dotted path, e.g. streaming_muloco.sync_every=10")
+    p.add_argument("--set", action="append", default=[], metavar="[+]KEY=JSON",
+                   help="override a config key by dotted path, e.g. optimizer.params.muon_lr=0.03; the key must "
+                        "be in the file (streaming_muloco.* keys need not be), or prefix it with + to add it: "
+                        "+gradient_clipping=0")
     p.add_argument("--model", default="tiny", help="model preset (tiny, small, gpt-125m, llama-1b, llama-7b)")
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-embd", type=int)
@@ -67,22 +82,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Apply `dotted.key=JSON` overrides; a non-JSON value is taken as a string."""
+    """Apply `[+]dotted.key=JSON` overrides; a value that is not JSON is taken as a string.
+
+    Without `+` the key must already be in the file, so a misspelt key is refused with the
+    closest existing one instead of being added and then ignored (DeepSpeed's Muon, for one,
+    drops unknown params silently). `+` adds the key (or overrides it if present). Keys of
+    our own section need no `+`: they have defaults, and the strict section parser refuses a
+    misspelt one anyway.
+    """
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set '{item}' must look like dotted.key=value")
-        key, raw = item.split("=", 1)
+        add = item.startswith("+")
+        body = item[1:] if add else item
+        key, sep, raw = body.partition("=")
+        parts = key.split(".")
+        if not sep or not key or not all(p.strip() for p in parts):
+            raise ConfigError(f"--set '{item}' must look like dotted.key=value, e.g. optimizer.params.lr=0.01 "
+                              f"(or +dotted.key=value to add a key the config does not have)")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        may_add = add or parts[0] == SECTION
         node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[:depth + 1])
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a JSON object in the config")
-        node[parts[-1]] = value
+                raise ConfigError(f"--set {item}: {'.'.join(parts[:depth])} is {json.dumps(node)}, not a JSON "
+                                  f"object, so it has no key '{part}'")
+            if part not in node and not may_add:
+                close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"--set {item}: {here} is not in the config{hint} (to add a new key on purpose, "
+                                  f"write --set +{body})")
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
     return config
 
 
@@ -104,10 +139,14 @@ def fmt_time(seconds: float) -> str:
 def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[str, Any]:
     """Build everything, train, evaluate; returns the final metrics (rank 0's view)."""
     ds_config = load_ds_config(args)
-    # Everything checkable is checked before process groups exist: config, model, data.
-    from .engine import resolve_config
+    # Pre-flight: everything checkable is checked before process groups exist, so a mistake is
+    # one line from every rank alike (errors.report prints it once): first the config (before
+    # torch is even imported), then the resume path, the model, the data; initialize() then
+    # splits the model into fragments before its rendezvous.
+    from .config import resolve, world_size_from_env
 
-    resolve_config(ds_config)
+    resolve(ds_config, world_size_from_env())
+    check_resume_path(args)
     import torch
 
     from .data import EVAL_STREAM, TokenSplits, get_batch, load_tokens
@@ -238,6 +277,31 @@ def save(engine: Any, out_dir: str, step: int) -> None:
     engine.save_checkpoint(os.path.join(out_dir, "checkpoints"), step)
 
 
+def check_resume_path(args: argparse.Namespace) -> None:
+    """Refuse a --resume that cannot work before any process group starts (the checksums and the
+    topology are verified later, collectively, by `checkpoint.load`)."""
+    if args.resume is None:
+        return
+    from .checkpoint import MANIFEST, find_latest
+
+    if args.resume == "auto":
+        find_latest(os.path.join(args.out_dir, "checkpoints"))  # a `latest` naming a missing directory
+        return
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume '{path}' is not a directory; pass a checkpoint step directory such as "
+                              f"{args.out_dir}/checkpoints/step600, or --resume alone for the latest one in "
+                              f"--out-dir")
+    if (path / MANIFEST).is_file() or find_latest(path) is not None:
+        return
+    complete = sorted((p for p in path.parent.glob("step*") if (p / MANIFEST).is_file()),
+                      key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+    hint = f"; the newest complete one next to it is '{complete[-1]}'" if complete else ""
+    raise CheckpointError(f"--resume '{path}' holds no complete checkpoint: it has no {MANIFEST} (a save that "
+                          f"did not finish, or not a checkpoint directory) and no 'latest' file{hint}. Point "
+                          f"--resume at a complete step directory, or leave --resume out to start from step 0")
+
+
 def resume(engine: Any, args: argparse.Namespace) -> int:
     """Load the requested checkpoint; returns the inner step it holds (0: none yet)."""
     from .checkpoint import find_latest
@@ -256,18 +320,14 @@ def resume(engine: Any, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     engine_ref: list[Any] = []
     try:
-        run(args, engine_ref)
-    except (ConfigError, DataError, CheckpointError) as e:
-        # One line, from one rank, no traceback: these are the user's to fix.
-        if rank == "0" or not engine_ref:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        _exit(e.exit_code)
-    except NonFiniteError as e:  # raised by the replica that saw it
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        run(parse_args(argv), engine_ref)
+    except UserError as e:
+        # One line per job, no traceback: these are the user's to fix. errors.report decides
+        # which rank prints (rank 0 for an error every rank raises, while the others wait).
+        report(e)
         _exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - every rank must say where it stopped, then leave
         if not _is_comm_failure(e):
