@@ -169,15 +169,21 @@ def save(save_dir: str | Path, step: int, fingerprint: Mapping[str, Any],
             tmp.mkdir(parents=True)
         except OSError as e:
             exc = _write_error(step, root, e)
+        except Exception as e:  # noqa: BLE001 - rank 0 alone, no collective inside: safe to agree on
+            exc = e
     _agree(exc)
     exc = None
+    # Only errors raised once this rank's collectives inside `write` are done are agreed on
+    # (OSError, CheckpointError: the engine holds back DeepSpeed's write errors until its
+    # barriers have run). Anything else may come from a collective itself (a dead peer):
+    # agreeing would mean one more collective with that peer, so it propagates as it is.
     try:
         written = write(tmp)
         for d in sorted({p.parent for p in written}):
             fsync_dir(d)
     except OSError as e:
         exc = _write_error(step, root, e)
-    except Exception as e:  # noqa: BLE001 - agreed on below, so no peer is left waiting
+    except CheckpointError as e:
         exc = e
     _agree(exc)
     exc = None
@@ -186,7 +192,7 @@ def save(save_dir: str | Path, step: int, fingerprint: Mapping[str, Any],
             _commit(root, tmp, final, step, fingerprint)
         except OSError as e:
             exc = _write_error(step, root, e)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - rank 0 alone, no collective inside: safe to agree on
             exc = e
     _agree(exc)
     if rank == 0 and keep_last > 0:
@@ -196,7 +202,9 @@ def save(save_dir: str | Path, step: int, fingerprint: Mapping[str, Any],
 
 def _commit(root: Path, tmp: Path, final: Path, step: int, fingerprint: Mapping[str, Any]) -> None:
     """Rank 0: manifest, fsync everything, rename into place, repoint `latest`."""
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    # Every rank fsync'ed what it wrote; this also covers files written by other means
+    # (DeepSpeed's recovery scripts), and costs nothing for files already on disk.
+    files = {str(p.relative_to(tmp)): _sha256(p, fsync=True) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"step": step, "fingerprint": _jsonable(fingerprint), "files": files}
     write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
@@ -244,11 +252,13 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
             log.warning("--keep-last: could not delete old checkpoint '%s': %s", p, _oserror_text(e))
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, fsync: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -422,9 +432,9 @@ def load(path: str | Path, fingerprint: Mapping[str, Any], read: Callable[[Path]
         if got != step:
             raise CheckpointError(f"checkpoint '{found}' is inconsistent: its manifest says step {step} but rank "
                                   f"{dist.get_rank()}'s state is at step {got}")
-    except OSError as e:
+    except OSError as e:  # as in save: only errors that cannot come from a collective are agreed on
         exc = CheckpointError(f"cannot read checkpoint '{found}': {_oserror_text(e)}")
-    except Exception as e:  # noqa: BLE001 - agreed on below, so no peer is left waiting
+    except CheckpointError as e:
         exc = e
     _agree(exc)
     return Loaded(step, found, changed)

@@ -18,7 +18,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -121,41 +121,55 @@ def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: Str
 @contextlib.contextmanager
 def _durable_deepspeed_saves(ds_engine: Any) -> Iterator[list[Path]]:
     """Route DeepSpeed's checkpoint file writes through `checkpoint.torch_save` (fsync'ed, and
-    a full disk raises OSError with its errno) and hold back their errors until DeepSpeed's
+    a full disk raises OSError with its errno), and hold back their errors until DeepSpeed's
     save_checkpoint has run its remaining barriers, so that no peer is left waiting in one.
 
-    Yields the list of files written; re-raises the first write error on exit.
+    DeepSpeed 0.19 writes a checkpoint's files through `checkpoint_engine.save` and, on rank
+    0, `_copy_recovery_script` (zero_to_fp32.py); both are wrapped. Yields the list of files
+    written; re-raises the first error on exit.
     """
     from . import checkpoint
 
     ce = ds_engine.checkpoint_engine
-    original = ce.save
     plain_torch = type(ce).__name__ == "TorchCheckpointEngine"  # others (async, Nebula) keep their own writer
     written: list[Path] = []
     errors: list[BaseException] = []
 
-    def save(state_dict: Any, path: str) -> None:
+    def held_back(write: Callable[[], None]) -> None:
         if errors:
             return  # the checkpoint is lost anyway; just reach DeepSpeed's barriers
         try:
+            write()
+        except Exception as e:  # noqa: BLE001 - re-raised after DeepSpeed's barriers
+            errors.append(e)
+
+    original_save, original_copy = ce.save, ds_engine._copy_recovery_script
+
+    def save(state_dict: Any, path: str) -> None:  # DeepSpeed calls it with keywords
+        def write() -> None:
             if plain_torch:
                 checkpoint.torch_save(state_dict, path,
                                       _use_new_zipfile_serialization=getattr(ce, "zipfile_serialization", True))
             else:
-                original(state_dict, path)
+                original_save(state_dict, path)
             written.append(Path(path))
-        except Exception as e:  # noqa: BLE001 - re-raised after DeepSpeed's barriers
-            errors.append(e)
+        held_back(write)
 
-    shadowed = vars(ce).get("save")
-    ce.save = save
+    def copy_recovery_script(save_path: str) -> None:
+        held_back(lambda: original_copy(save_path))
+
+    patched = [(ce, "save", save), (ds_engine, "_copy_recovery_script", copy_recovery_script)]
+    shadowed = [vars(obj).get(name) for obj, name, _ in patched]
+    for obj, name, fn in patched:
+        setattr(obj, name, fn)
     try:
         yield written
     finally:
-        if shadowed is None:
-            del ce.save  # back to the class's method
-        else:
-            ce.save = shadowed
+        for (obj, name, _), old in zip(patched, shadowed):
+            if old is None:
+                delattr(obj, name)  # back to the class's method
+            else:
+                setattr(obj, name, old)
     if errors:
         raise errors[0]
 

@@ -158,7 +158,8 @@ def roll_call(rank: int, peers: Sequence[int], wait_s: float = ROLL_CALL_S) -> R
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
-    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line)  # gloo's source location prefix
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line)  # gloo's source location prefix
+    return re.sub(r"\.?\s*This is typically caused by .*$", "", line)  # gloo's boilerplate advice
 
 
 def peers_to_ask(topo: Any) -> list[int]:
