@@ -99,6 +99,13 @@ def test_an_explicit_schedule_length_extends_a_run_on_purpose(tmp_path, kept):
     assert [s for s, _ in history] == [13, 14, 15]
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, kept):
+    out = _copy(kept, tmp_path)
+    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume"], timeout=300)
+    _assert_refused(res, f"error: --steps (12) must be larger than the step of the checkpoint resumed from "
+                         f"('{out / 'checkpoints' / 'step12'}' is at inner step 12): there is nothing left to train")
+
+
 # ---- an unwritable or full checkpoint directory -------------------------------------------
 @pytest.fixture
 def fs(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import json
+import logging
 import os
 import re
 import socket
@@ -38,6 +39,8 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 
 from ..errors import PeerFailureError
+
+log = logging.getLogger("streaming_muloco")
 
 _KEY = "streaming_muloco/diag/"
 ROLL_CALL_S = 5.0  # a live responder answers in milliseconds; this only bounds a dead store
@@ -70,9 +73,14 @@ def start_responder(rank: int, phase: Callable[[], str]) -> bool:
     store = _tcp_store()
     if store is None or _responder:
         return False
-    store.set(f"{_KEY}where/{rank}", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    client = dist.TCPStore(store.host, store.port, is_master=False, wait_for_workers=False,
-                           timeout=datetime.timedelta(days=7))
+    try:
+        store.set(f"{_KEY}where/{rank}", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        client = dist.TCPStore(store.host, store.port, is_master=False, wait_for_workers=False,
+                               timeout=datetime.timedelta(days=7))
+    except Exception as e:  # noqa: BLE001 - a diagnostic aid must never stop training
+        log.warning("rank %d: no roll-call responder (%s); a failed collective will not name its peer", rank,
+                    _first_line(e))
+        return False
     stopping = threading.Event()
     thread = threading.Thread(target=_respond, args=(client, rank, phase, stopping), daemon=True,
                               name="streaming_muloco-rollcall")
