@@ -124,15 +124,21 @@ def fs(tmp_path):
         mounted.append(path)
 
     def make_readonly(path):
-        """Unwritable the way this user can be stopped; returns the errno text the kernel gives."""
-        if os.geteuid() == 0:
-            if path not in mounted:
-                tmpfs(path, "8m")
-            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-            return "[Errno 30] Read-only file system"
+        """Unwritable the way this process can be stopped; returns the errno text the kernel gives.
+        Mode 0555 stops a user; root (CAP_DAC_OVERRIDE) ignores it, so for root the directory
+        becomes a read-only tmpfs instead."""
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(0o555)
-        return "[Errno 13] Permission denied"
+        try:
+            (path / "probe").write_text("x")
+        except PermissionError:
+            return "[Errno 13] Permission denied"
+        (path / "probe").unlink()
+        path.chmod(0o755)
+        if path not in mounted:
+            tmpfs(path, "8m")
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        return "[Errno 30] Read-only file system"
 
     yield type("FS", (), {"tmpfs": staticmethod(tmpfs), "make_readonly": staticmethod(make_readonly)})
     for path in mounted:
