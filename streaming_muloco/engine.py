@@ -96,7 +96,7 @@ def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: Str
     fp16/bf16, else 4, plus buffers), ZeRO's fp32 master partitions (4N) and optimizer moments
     (8N: Adam's two; Muon keeps one for its matrices, so this bounds it); ours: theta_g and the
     outer momentum (8N), an error-feedback residual when compressing with it (4N), and with
-    sync_delay > 0 the averaged and own pseudo-gradient of a fragment in flight (8N/P). Times K
+    sync_delay > 0 the averaged pseudo-gradient of a fragment in flight (4N/P). Times K
     replicas, plus 10% and 1 MiB for serialization overhead and DeepSpeed's recovery scripts.
     Returns (bytes, a one-line account of them for the error message).
     """
@@ -110,7 +110,7 @@ def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: Str
         if cfg.compression.method != "none" and cfg.compression.error_feedback:
             ours += 4 * n
         if cfg.sync_delay > 0:
-            ours += 8 * n // cfg.num_fragments
+            ours += 4 * n // cfg.num_fragments
     total = int((deepspeed_b + ours) * num_replicas * 1.1) + (1 << 20)
     detail = (f"{n:,} parameters x {num_replicas} replica(s): DeepSpeed's module, fp32 master and optimizer "
               f"moments {deepspeed_b / n if n else 0:.0f} B/param, outer state {ours / n if n else 0:.0f} B/param, "

@@ -162,7 +162,7 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_with_the_numbers(tmp_
     fs.tmpfs(out / "checkpoints", "512k")
     res = run_ranks(2, ARGS + ["--out-dir", str(out)], timeout=300)
     _assert_refused(res, f"error: checkpoint directory '{out / 'checkpoints'}' has 512.0 KiB free but one checkpoint "
-                         f"of this run needs about 3.4 MiB (41,120 parameters x 2 replica(s)")
+                         f"of this run needs about 3.2 MiB (41,120 parameters x 2 replica(s)")
     assert "step      1/12" not in res.outputs[0]
 
 
@@ -185,7 +185,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_checkpoint_error_on_every_ra
     out = tmp_path / "run"
     ck = out / "checkpoints"
     if how == "full":
-        fs.tmpfs(ck, "6m")  # the estimate (3.4 MiB) fits
+        fs.tmpfs(ck, "6m")  # the estimate (3.2 MiB) fits
     procs = start(2, ARGS + ["--out-dir", str(out), "--steps", "40", "--save-every", "20"])
     try:
         wait_for_line(procs[0], "step      1/40")
