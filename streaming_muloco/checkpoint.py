@@ -52,10 +52,15 @@ def torch_save(obj: Any, path: str | Path, **kwargs: Any) -> None:
     Through a file object a full disk surfaces as `OSError(ENOSPC)` with its errno; given a
     path, torch reports only "unexpected pos" from its C++ writer.
     """
-    with open(path, "wb") as f:
-        torch.save(obj, f, **kwargs)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f, **kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)  # a failed write() names no file; the message should
+        raise
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,11 +1,14 @@
 """checkpoint.py's file-level rules on a real filesystem: pre-flight, manifest shape, locating a
 checkpoint, --keep-last pruning. The multi-rank save/resume paths are in test_checkpoint_multirank.py."""
+import errno
 import json
+import os
 import shutil
 
 import pytest
+import torch
 
-from streaming_muloco.checkpoint import MANIFEST, _prune, locate, preflight, read_manifest
+from streaming_muloco.checkpoint import MANIFEST, _oserror_text, _prune, locate, preflight, read_manifest, torch_save
 from streaming_muloco.errors import CheckpointError
 
 GOOD = {"step": 6, "fingerprint": {"world_size": 2}, "files": {"replica0/a.pt": "0" * 64}}
@@ -28,6 +31,15 @@ def test_preflight_names_the_directory_and_the_errno_text_when_it_cannot_write(t
         preflight(blocker / "checkpoints", 1)
     assert str(e.value).startswith(f"checkpoint directory '{blocker / 'checkpoints'}' is not writable: "
                                    f"[Errno 20] Not a directory"), str(e.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_during_torch_save_is_an_oserror_naming_errno_and_file():
+    """torch.save given a path reports only 'unexpected pos'; through a file object the errno survives."""
+    with pytest.raises(OSError) as e:
+        torch_save({"w": torch.zeros(1 << 16)}, "/dev/full")
+    assert e.value.errno == errno.ENOSPC
+    assert _oserror_text(e.value) == "[Errno 28] No space left on device (at '/dev/full')"
 
 
 def test_preflight_passes_and_leaves_nothing_behind(tmp_path):

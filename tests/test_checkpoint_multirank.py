@@ -191,7 +191,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_checkpoint_error_on_every_ra
         wait_for_line(procs[0], "step      1/40")
         for p in procs:  # hold both ranks still while the disk changes under them
             os.killpg(p.pid, signal.SIGSTOP)
-        errno_text = "[Errno 28] No space left on device" if how == "full" else fs.make_readonly(ck)
+        errno_text = f"[Errno 28] No space left on device (at '{ck / 'step20.tmp'}/" if how == "full" else \
+            fs.make_readonly(ck)
         if how == "full":
             _fill(ck)
         for p in procs:
