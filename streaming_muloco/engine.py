@@ -10,13 +10,16 @@ A DeepSpeed script changes by one import and one config section:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
+import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -72,6 +75,92 @@ def plan_fragments(model: torch.nn.Module, cfg: StreamingMuLoCoConfig) -> list[l
                           f"fragments: {e}") from None
 
 
+def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: StreamingMuLoCoConfig,
+                               num_replicas: int) -> tuple[int, str]:
+    """An upper estimate of one checkpoint's size on disk, for the pre-flight space check.
+
+    Per replica, with N trainable parameters: DeepSpeed's module file (N x 2 bytes under
+    fp16/bf16, else 4, plus buffers), ZeRO's fp32 master partitions (4N) and optimizer moments
+    (8N: Adam's two; Muon keeps one for its matrices, so this bounds it); ours: theta_g and the
+    outer momentum (8N), an error-feedback residual when compressing with it (4N), and with
+    sync_delay > 0 the averaged pseudo-gradient of a fragment in flight (4N/P). Times K
+    replicas, plus 10% and 1 MiB for serialization overhead and DeepSpeed's recovery scripts.
+    Returns (bytes, a one-line account of them for the error message).
+    """
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    half = any(isinstance(ds_config.get(k), dict) and ds_config[k].get("enabled") for k in ("fp16", "bf16"))
+    deepspeed_b = n * (2 if half else 4) + buffers + 4 * n + 8 * n
+    ours = 0
+    if cfg.enabled:
+        ours = 8 * n
+        if cfg.compression.method != "none" and cfg.compression.error_feedback:
+            ours += 4 * n
+        if cfg.sync_delay > 0:
+            ours += 4 * n // cfg.num_fragments
+    total = int((deepspeed_b + ours) * num_replicas * 1.1) + (1 << 20)
+    detail = (f"{n:,} parameters x {num_replicas} replica(s): DeepSpeed's module, fp32 master and optimizer "
+              f"moments {deepspeed_b / n if n else 0:.0f} B/param, outer state {ours / n if n else 0:.0f} B/param, "
+              f"+10% +1 MiB")
+    return total, detail
+
+
+@contextlib.contextmanager
+def _durable_deepspeed_saves(ds_engine: Any) -> Iterator[list[Path]]:
+    """Route DeepSpeed's checkpoint file writes through `checkpoint.torch_save` (fsync'ed, and
+    a full disk raises OSError with its errno), and hold back their errors until DeepSpeed's
+    save_checkpoint has run its remaining barriers, so that no peer is left waiting in one.
+
+    DeepSpeed 0.19 writes a checkpoint's files through `checkpoint_engine.save` and, on rank
+    0, `_copy_recovery_script` (zero_to_fp32.py); both are wrapped. Yields the list of files
+    written; re-raises the first error on exit.
+    """
+    from . import checkpoint
+
+    ce = ds_engine.checkpoint_engine
+    plain_torch = type(ce).__name__ == "TorchCheckpointEngine"  # others (async, Nebula) keep their own writer
+    written: list[Path] = []
+    errors: list[BaseException] = []
+
+    def held_back(write: Callable[[], None]) -> None:
+        if errors:
+            return  # the checkpoint is lost anyway; just reach DeepSpeed's barriers
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - re-raised after DeepSpeed's barriers
+            errors.append(e)
+
+    original_save, original_copy = ce.save, ds_engine._copy_recovery_script
+
+    def save(state_dict: Any, path: str) -> None:  # DeepSpeed calls it with keywords
+        def write() -> None:
+            if plain_torch:
+                checkpoint.torch_save(state_dict, path,
+                                      _use_new_zipfile_serialization=getattr(ce, "zipfile_serialization", True))
+            else:
+                original_save(state_dict, path)
+            written.append(Path(path))
+        held_back(write)
+
+    def copy_recovery_script(save_path: str) -> None:
+        held_back(lambda: original_copy(save_path))
+
+    patched = [(ce, "save", save), (ds_engine, "_copy_recovery_script", copy_recovery_script)]
+    shadowed = [vars(obj).get(name) for obj, name, _ in patched]
+    for obj, name, fn in patched:
+        setattr(obj, name, fn)
+    try:
+        yield written
+    finally:
+        for (obj, name, _), old in zip(patched, shadowed):
+            if old is None:
+                delattr(obj, name)  # back to the class's method
+            else:
+                setattr(obj, name, old)
+    if errors:
+        raise errors[0]
+
+
 class StreamingMuLoCoEngine:
     """A DeepSpeed engine whose `step()` also runs the outer loop.
 
@@ -101,27 +190,113 @@ class StreamingMuLoCoEngine:
             observer = SyncObserver(metrics, topo.replica_sum_async if topo.ranks_per_replica > 1 else None)
             self.outer = OuterSync(cfg, topo.replica_id, shard, comm, observer)
 
-    def save_checkpoint(self, save_dir: str | Path, step: int | None = None) -> Path:
+    # ---- checkpoints ----------------------------------------------------------------------
+    # checkpoint.py owns directories, atomicity and the manifest; this engine decides what goes
+    # in: DeepSpeed's own files (module, ZeRO partitions, LR scheduler) via its save_checkpoint
+    # into replica{k}/, and per rank our state_dict() as replica{k}/rank_state{d}.pt. Each
+    # replica is its own DeepSpeed data-parallel group, hence its own directory (DeepSpeed's
+    # file names would collide).
+
+    # What a fingerprint key means for the user, appended to a refused resume.
+    _FINGERPRINT_FIX = {
+        "scheduler.params.total_num_steps":
+            "the LR schedule's length changed (with \"auto\" it follows --steps): DeepSpeed restores only the "
+            "scheduler's step counter, so every remaining step would get a different learning rate. Resume with the "
+            "original --steps, or, to extend the run on purpose, set the length explicitly: --set "
+            "scheduler.params.total_num_steps=N (N = the saved value keeps the saved schedule, which holds its final "
+            "LR after it ends; a larger N stretches the rest of it)",
+    }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change across a resume: shapes of sharded and per-fragment state, and
+        the LR schedule's length (DeepSpeed saves the scheduler's step, not its config)."""
+        cfg, topo = self.cfg, self.topo
+        sched = self.engine.scheduler_params() if self.engine.scheduler_name() else None
+        return {"world_size": topo.world_size, "num_replicas": topo.num_replicas,
+                "ranks_per_replica": topo.ranks_per_replica,
+                "num_fragments": cfg.num_fragments if cfg.enabled else 1,
+                "outer_loop": cfg.enabled,
+                "compression": {"method": cfg.compression.method, "bits": cfg.compression.bits,
+                                "block_size": cfg.compression.block_size,
+                                "topk_fraction": cfg.compression.topk_fraction,
+                                "collective": cfg.compression.collective} if cfg.enabled else None,
+                "zero_stage": self.engine.zero_optimization_stage(),
+                "scheduler.params.total_num_steps": (sched or {}).get("total_num_steps")}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state beyond DeepSpeed's: step count, outer loop, RNG streams.
+
+        DeepSpeed's engine, ZeRO and scheduler state are not in here: they are written by
+        DeepSpeed's own save_checkpoint (see `save_checkpoint`). The module's weights, which
+        DeepSpeedEngine.state_dict() would return, are at `engine.module.state_dict()`. Waits
+        for a fragment in flight.
+        """
+        return {"inner_steps": self.inner_steps, "nonfinite_skipped": self.nonfinite_skipped,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "outer": self.outer.state_dict() if self.outer is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner_steps = state["inner_steps"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        if self.outer is not None:
+            self.outer.load_state_dict(state["outer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def save_checkpoint(self, save_dir: str | Path, step: int | None = None, keep_last: int = 0) -> Path:
         """Atomic checkpoint of everything, DeepSpeed's state and ours, as save_dir/step{N}.
 
         Collective: every rank calls it at the same step. Unlike DeepSpeed's method there is no
         free-form tag: the step names the checkpoint, and `save_dir/latest` points at it.
+        `keep_last` > 0 deletes older checkpoints beyond the newest `keep_last`.
         """
         from . import checkpoint
 
-        return checkpoint.save(self, save_dir, self.inner_steps if step is None else step)
+        return checkpoint.save(save_dir, self.inner_steps if step is None else step, self.fingerprint(),
+                               self._write_checkpoint, keep_last=keep_last)
 
-    def load_checkpoint(self, path: str | Path) -> int:
-        """Restore from save_dir/step{N} (or save_dir, meaning its `latest`); returns N."""
+    def load_checkpoint(self, path: str | Path, missing_ok: bool = False,
+                        may_change: Iterable[str] = ()) -> int | None:
+        """Restore from save_dir/step{N} (or save_dir, meaning its `latest`); returns N.
+
+        None when `missing_ok` and nothing was saved there yet. `may_change`: fingerprint keys
+        the caller changed on purpose (rank 0 logs each change instead of refusing).
+        """
         from . import checkpoint
 
-        path = Path(path)
-        if not (path / checkpoint.MANIFEST).exists():
-            latest = checkpoint.find_latest(path)
-            if latest is None:
-                raise checkpoint.CheckpointError(f"no checkpoint found in '{path}' (no 'latest' file)")
-            path = latest
-        return checkpoint.load(self, path)
+        loaded = checkpoint.load(path, self.fingerprint(), self._read_checkpoint, may_change=tuple(may_change),
+                                 hints=self._FINGERPRINT_FIX, missing_ok=missing_ok)
+        if loaded is None:
+            return None
+        self.loaded_checkpoint = loaded
+        for key, (old, new) in loaded.changed.items():
+            if self.topo.rank == 0:
+                log.warning("resuming from %s with %s changed on purpose: saved %s, now %s", loaded.path, key, old, new)
+        return loaded.step
+
+    def _write_checkpoint(self, directory: Path) -> list[Path]:
+        """checkpoint.save's writer: DeepSpeed's files, then ours; returns what this rank wrote."""
+        from . import checkpoint
+
+        tag = f"replica{self.topo.replica_id}"
+        with _durable_deepspeed_saves(self.engine) as written:
+            self.engine.save_checkpoint(str(directory), tag=tag, client_state={"inner_steps": self.inner_steps},
+                                        save_latest=False)
+        own = directory / tag / f"rank_state{self.topo.shard_id}.pt"
+        checkpoint.torch_save(self.state_dict(), own)
+        return written + [own]
+
+    def _read_checkpoint(self, directory: Path) -> int:
+        from .errors import CheckpointError
+
+        tag = f"replica{self.topo.replica_id}"
+        load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint '{directory / tag}'")
+        self.load_state_dict(torch.load(directory / tag / f"rank_state{self.topo.shard_id}.pt", weights_only=False))
+        return self.inner_steps
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)

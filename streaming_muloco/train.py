@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import SECTION, read_json
-from .errors import CheckpointError, ConfigError, UserError, report
+from .errors import CheckpointError, ConfigError, UserError, launch_rank, report
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--out-dir", default="runs/default", help="checkpoints and TensorBoard logs go here")
     p.add_argument("--no-save", action="store_true", help="do not write checkpoints")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N",
+                   help="after each checkpoint, delete older ones beyond the newest N (0: keep all)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint: a step directory, or (no value) the latest one in "
                         "--out-dir/checkpoints; with none there yet, start from step 0")
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} ({getattr(args, key)}) must be >= 1")
     if args.save_every < 0:
         p.error(f"--save-every ({args.save_every}) must be >= 0")
+    if args.keep_last < 0:
+        p.error(f"--keep-last ({args.keep_last}) must be >= 0 (0 keeps every checkpoint)")
     return args
 
 
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     # splits the model into fragments before its rendezvous.
     from .config import resolve, world_size_from_env
 
-    resolve(ds_config, world_size_from_env())
+    _, cfg, num_replicas, _ = resolve(ds_config, world_size_from_env())
     check_resume_path(args)
     import torch
 
@@ -162,6 +166,12 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     block = model.cfg.block_size
     splits = TokenSplits.from_tokens(load_tokens(args.data, args.data_dtype, model.cfg.vocab_size),
                                      args.val_fraction, block)
+    if not args.no_save:  # an unwritable or full disk is found now, not at the first save hours later
+        from .checkpoint import preflight
+        from .engine import estimate_checkpoint_nbytes
+
+        preflight(os.path.join(args.out_dir, "checkpoints"),
+                  *estimate_checkpoint_nbytes(model, ds_config, cfg, num_replicas))
 
     if not args.verbose:
         from deepspeed.utils import logger as ds_logger
@@ -171,11 +181,13 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     from . import initialize
     from .metrics import make_logger, tensorboard_dir
 
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    metrics = make_logger(tensorboard_dir(ds_config, os.path.join(args.out_dir, "tb")), rank == 0)
+    metrics = make_logger(tensorboard_dir(ds_config, os.path.join(args.out_dir, "tb")), launch_rank() == 0)
     engine, _, _, _ = initialize(model=model, config=ds_config, metrics=metrics)
     if engine_ref is not None:
         engine_ref.append(engine)
+    from .comm.diagnose import start_responder
+
+    start_responder(dist.get_rank(), lambda: engine.phase)  # names a dead or hung peer if a collective fails
     world, rank = dist.get_world_size(), dist.get_rank()
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
@@ -241,9 +253,9 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
                 print(f"step {step:>6}/{args.steps} | eval loss {val:.4f} | tokens {step * tokens_per_step:,}",
                       flush=True)
         if not args.no_save and args.save_every and step % args.save_every == 0 and step != args.steps:
-            save(engine, args.out_dir, step)
+            save(engine, args.out_dir, step, args.keep_last)
     if not args.no_save and first <= args.steps:
-        save(engine, args.out_dir, args.steps)
+        save(engine, args.out_dir, args.steps, args.keep_last)
     elapsed = time.perf_counter() - t_start
     result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
               "tokens": args.steps * tokens_per_step, "history": history,
@@ -256,6 +268,10 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
         o = engine.outer
         result.update({**o.observer.summary(), "bytes_sent_per_rank": o.comm.bytes_sent,
                        "outer_state_bytes": o.state_nbytes()})
+    from .comm.diagnose import stop_responder
+
+    stop_responder()
+    dist.barrier()  # rank 0 hosts the store the responders wait on: it must not leave before them
     if rank == 0:
         print(f"[streaming_muloco] done: {args.steps} steps in {fmt_time(elapsed)}, final eval loss "
               f"{result['final_eval_loss']:.4f}", flush=True)
@@ -272,9 +288,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def save(engine: Any, out_dir: str, step: int) -> None:
+def save(engine: Any, out_dir: str, step: int, keep_last: int = 0) -> None:
     engine.phase = f"checkpoint save at inner step {step}"
-    engine.save_checkpoint(os.path.join(out_dir, "checkpoints"), step)
+    engine.save_checkpoint(os.path.join(out_dir, "checkpoints"), step, keep_last=keep_last)
+
+
+SCHEDULE_LENGTH = "scheduler.params.total_num_steps"
+
+
+def _schedule_length_is_explicit(args: argparse.Namespace) -> bool:
+    """True when the config (with --set) gives total_num_steps as a number, not "auto"
+    (which load_ds_config resolves to --steps): an explicit change is a decision, not an accident."""
+    sched = apply_overrides(read_json(args.ds_config), list(args.set)).get("scheduler")
+    params = sched.get("params") if isinstance(sched, dict) else None
+    return isinstance(params, dict) and params.get("total_num_steps", "auto") != "auto"
 
 
 def check_resume_path(args: argparse.Namespace) -> None:
@@ -304,23 +331,25 @@ def check_resume_path(args: argparse.Namespace) -> None:
 
 def resume(engine: Any, args: argparse.Namespace) -> int:
     """Load the requested checkpoint; returns the inner step it holds (0: none yet)."""
-    from .checkpoint import find_latest
-
     engine.phase = "checkpoint load"
-    path = find_latest(os.path.join(args.out_dir, "checkpoints")) if args.resume == "auto" else Path(args.resume)
-    if path is None:
+    auto = args.resume == "auto"
+    path = Path(args.out_dir, "checkpoints") if auto else Path(args.resume)
+    step = engine.load_checkpoint(path, missing_ok=auto,
+                                  may_change=(SCHEDULE_LENGTH,) if _schedule_length_is_explicit(args) else ())
+    if step is None:
         if engine.topo.rank == 0:
-            print(f"[streaming_muloco] --resume: no checkpoint in {args.out_dir}/checkpoints yet; starting at step 0",
-                  flush=True)
+            print(f"[streaming_muloco] --resume: no checkpoint in {path} yet; starting at step 0", flush=True)
         return 0
-    step = engine.load_checkpoint(path)
+    found = engine.loaded_checkpoint.path
+    if step >= args.steps:
+        raise ConfigError(f"--steps ({args.steps}) must be larger than the step of the checkpoint resumed from "
+                          f"('{found}' is at inner step {step}): there is nothing left to train")
     if engine.topo.rank == 0:
-        print(f"[streaming_muloco] resumed from {path} at inner step {step}", flush=True)
+        print(f"[streaming_muloco] resumed from {found} at inner step {step}", flush=True)
     return step
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     engine_ref: list[Any] = []
     try:
         run(parse_args(argv), engine_ref)
@@ -332,11 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every rank must say where it stopped, then leave
         if not _is_comm_failure(e):
             raise
-        phase = engine_ref[0].phase if engine_ref else "start-up"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: rank {rank}: a collective failed during {phase}: {first}. A peer rank died or hangs; "
-              f"restart every rank with --resume to continue from the last checkpoint.", file=sys.stderr, flush=True)
-        _exit(1)
+        from .comm.diagnose import peer_failure
+
+        engine = engine_ref[0] if engine_ref else None
+        err = peer_failure(e, launch_rank(), engine.phase if engine else "start-up", engine.topo if engine else None)
+        report(err)  # a rank-local error: every survivor says where it stopped, and rank 0 may be the dead one
+        _exit(err.exit_code)
     return 0
 
 

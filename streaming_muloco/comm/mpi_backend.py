@@ -94,14 +94,20 @@ class MPIBackend(CommBackend):
         self.comm = _OUTER_COMMS[key]
         self.MPI = MPI
         self.timeout_s = timeout_s
+        self.outer_ranks = topo.outer_ranks(topo.shard_id)
 
     def _wait(self, req: Any, what: str) -> None:
-        """Wait with a deadline, so a dead peer ends this rank with a message instead of a hang."""
+        """Wait with a deadline, so a dead peer ends this rank with a message instead of a hang.
+
+        MPI_Test says done or not done, never which peer is missing (Open MPI without ULFM has
+        no per-peer failure query), so the message names the group; train.main's roll call
+        over the torch.distributed store then names the rank that does not answer.
+        """
         deadline = time.monotonic() + self.timeout_s
         while not req.Test():
             if time.monotonic() > deadline:
-                raise PeerTimeoutError(f"MPI {what} over the outer group did not finish within "
-                                       f"comm.timeout_s={self.timeout_s:g}s: a peer replica died or hangs")
+                raise PeerTimeoutError(f"MPI {what} over the outer group (ranks {self.outer_ranks}) did not finish "
+                                       f"within comm.timeout_s={self.timeout_s:g}s")
             time.sleep(0.0005)
 
     @staticmethod
