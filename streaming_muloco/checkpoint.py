@@ -313,9 +313,11 @@ def locate(path: str | Path) -> Path | None:
         raise CheckpointError(f"checkpoint path '{path}' is a file; give a step directory (.../checkpoints/step600) "
                               f"or the checkpoints directory that holds '{LATEST}'")
     if _STEP_DIR.fullmatch(path.name) or path.name.endswith(".tmp") or any(path.glob("replica*")):
+        siblings = _complete_steps(path.parent)
+        newest = f": the newest next to it is '{path.parent / siblings[-1]}'" if siblings else ""
         raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST}: it is incomplete (the save that wrote it did "
-                              f"not finish) or was not written by streaming_muloco; resume from a complete checkpoint "
-                              f"(the one '{path.parent / LATEST}' names)")
+                              f"not finish) or was not written by streaming_muloco; resume from a complete "
+                              f"checkpoint{newest}")
     steps = _complete_steps(path)
     if steps:
         raise CheckpointError(f"checkpoint directory '{path}' has no '{LATEST}' file but holds complete checkpoints "

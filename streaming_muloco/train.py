@@ -305,28 +305,24 @@ def _schedule_length_is_explicit(args: argparse.Namespace) -> bool:
 
 
 def check_resume_path(args: argparse.Namespace) -> None:
-    """Refuse a --resume that cannot work before any process group starts (the checksums and the
-    topology are verified later, collectively, by `checkpoint.load`)."""
+    """Refuse a --resume that cannot work before any process group starts, with the very checks
+    (and messages) `checkpoint.load` applies later; checksums and topology are verified then,
+    collectively."""
     if args.resume is None:
         return
-    from .checkpoint import MANIFEST, find_latest
+    from .checkpoint import locate
 
     if args.resume == "auto":
-        find_latest(os.path.join(args.out_dir, "checkpoints"))  # a `latest` naming a missing directory
+        locate(Path(args.out_dir, "checkpoints"))  # nothing yet is fine: training starts at step 0
         return
     path = Path(args.resume)
     if not path.is_dir():
         raise CheckpointError(f"--resume '{path}' is not a directory; pass a checkpoint step directory such as "
                               f"{args.out_dir}/checkpoints/step600, or --resume alone for the latest one in "
                               f"--out-dir")
-    if (path / MANIFEST).is_file() or find_latest(path) is not None:
-        return
-    complete = sorted((p for p in path.parent.glob("step*") if (p / MANIFEST).is_file()),
-                      key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
-    hint = f"; the newest complete one next to it is '{complete[-1]}'" if complete else ""
-    raise CheckpointError(f"--resume '{path}' holds no complete checkpoint: it has no {MANIFEST} (a save that "
-                          f"did not finish, or not a checkpoint directory) and no 'latest' file{hint}. Point "
-                          f"--resume at a complete step directory, or leave --resume out to start from step 0")
+    if locate(path) is None:
+        raise CheckpointError(f"--resume '{path}' holds no checkpoint; point it at a step directory such as "
+                              f"{args.out_dir}/checkpoints/step600, or leave --resume out to start from step 0")
 
 
 def resume(engine: Any, args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def test_mpirun_resume_from_a_step_directory_without_manifest_prints_its_line_ev
         rc, out, errors = _job(["bash", "launch/mpirun_local.sh", "4", "ds_configs/muloco_cpu.json",
                                 "--out-dir", str(tmp_path / "o"), "--resume", str(step)])
         assert rc == 2 and len(errors) == 1, f"attempt {attempt}:\n{out}"
-        assert errors[0].startswith(f"error: --resume '{step}' holds no complete checkpoint: it has no manifest.json")
+        assert errors[0].startswith(f"error: checkpoint '{step}' has no manifest.json: it is incomplete")
 
 
 def _mpirun_torchrun_env(n: int, train_args: str, extra_env: dict | None = None) -> list[str]:
