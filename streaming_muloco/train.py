@@ -345,7 +345,8 @@ def resume(engine: Any, args: argparse.Namespace) -> int:
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Train, then leave through `_exit` on every handled path, a finished run included."""
     engine_ref: list[Any] = []
     try:
         run(parse_args(argv), engine_ref)
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         err = peer_failure(e, launch_rank(), engine.phase if engine else "start-up", engine.topo if engine else None)
         report(err)  # a rank-local error: every survivor says where it stopped, and rank 0 may be the dead one
         _exit(err.exit_code)
-    return 0
+    _exit(0, finished=True)
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -378,12 +379,29 @@ def _is_comm_failure(e: BaseException) -> bool:
                                                                    "nccl", "peer"))
 
 
-def _exit(code: int) -> None:
-    """Leave now: a process group with a dead peer can block interpreter shutdown forever."""
+def _exit(code: int, finished: bool = False) -> NoReturn:
+    """Leave now, without the interpreter's teardown (Py_Finalize).
+
+    After an error, a process group with a dead peer can block that teardown forever. After a
+    finished run it can abort the process: a gloo worker thread may not yet have dropped the
+    last collective's work, and dropping its tensors takes the GIL; during teardown CPython ends
+    such a thread with pthread_exit, which unwinds into a noexcept destructor: std::terminate,
+    "terminate called without an active exception", SIGABRT on a random rank (pytorch/pytorch
+    #190489). A barrier does not close it: the barrier's work holds the works before it. A
+    finished run still runs the atexit hooks (the MPI backend's drain, logging's flush) and
+    MPI_Finalize, which mpi4py would otherwise call during the teardown.
+    """
+    if finished:
+        import atexit
+
+        atexit._run_exitfuncs()  # CPython's own runner; the atexit module has no public one
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
