@@ -25,9 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_one(link: Link, config: str, sets: list[str], steps: int, model: str) -> dict:
-    """One training job on the link. A job whose rank dies before training starts (seen here
-    about once in 16 jobs: torch's rendezvous aborting inside a fresh namespace) is run once
-    more, and the retry is counted in the result as `startup_retries`."""
+    """One training job on the link. A job whose rank dies before rank 0 has reported the model
+    (a start-up failure) is run once more, and the retry is counted in the result as
+    `startup_retries`. The SIGABRT once seen here in about 1 job in 16 ("terminate called without
+    an active exception", no traceback) matches a rank aborting at exit instead, which this retry
+    does not catch (rank 0 has started by then); train._exit fixes that (benchmarks/abort_loop.py)."""
     for attempt in range(2):
         with tempfile.TemporaryDirectory() as out:
             argv = ["-m", "streaming_muloco.train", "--ds-config", config, "--model", model, "--steps", str(steps),
