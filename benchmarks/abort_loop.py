@@ -2,8 +2,8 @@
 
 A rank used to die now and then with that line, SIGABRT (rc -6) and no Python traceback. It
 looked like a start-up crash, since a rank other than 0 prints nothing but DeepSpeed's shm-op
-line, but it is an exit race (train._exit has the fix): the main thread returns from the last
-gloo collective and starts the interpreter's teardown while a gloo worker thread has not yet
+line, but it is an exit race (`streaming_muloco.exit_process` is the fix): the main thread
+returns from the last gloo collective and starts the interpreter's teardown while a gloo worker thread has not yet
 dropped that collective's work. Dropping its tensors takes the GIL; during teardown CPython
 ends the thread with pthread_exit, whose unwinding reaches a noexcept destructor, so
 std::terminate (pytorch/pytorch#190489). A rate of a few percent needs a loop of jobs to see,

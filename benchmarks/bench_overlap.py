@@ -25,31 +25,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_one(link: Link, config: str, sets: list[str], steps: int, model: str) -> dict:
-    """One training job on the link. A job whose rank dies before rank 0 has reported the model
-    (a start-up failure) is run once more, and the retry is counted in the result as
-    `startup_retries`. The SIGABRT once seen here in about 1 job in 16 ("terminate called without
-    an active exception", no traceback) matches a rank aborting at exit instead, which this retry
-    does not catch (rank 0 has started by then); train._exit fixes that (benchmarks/abort_loop.py)."""
-    for attempt in range(2):
-        with tempfile.TemporaryDirectory() as out:
-            argv = ["-m", "streaming_muloco.train", "--ds-config", config, "--model", model, "--steps", str(steps),
-                    "--eval-every", str(steps), "--eval-batches", "2", "--log-every", str(steps), "--no-save",
-                    "--out-dir", out]
-            for s in sets:
-                argv += ["--set", s]
-            env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                   "PYTHONPATH": str(REPO)}
-            outs = link.run_ranks(argv, env=env, cwd=REPO, timeout=900)
-            failed = [(rc, text) for rc, text in outs if rc != 0]
-            if not failed:
-                result = json.loads(Path(out, "result.json").read_text())
-                result["startup_retries"] = attempt
-                return result
-            started = "[streaming_muloco] model" in outs[0][1]
-            if started or attempt == 1:
-                raise RuntimeError(f"rank failed (rc={failed[0][0]}):\n{failed[0][1][-3000:]}")
-            print(f"   (a rank died during start-up, rc={failed[0][0]}; running the job once more)", flush=True)
-    raise AssertionError("unreachable")
+    """One training job on the link; its result.json. (The SIGABRT once seen here in about 1 job in
+    16, "terminate called without an active exception", was a rank aborting at interpreter exit,
+    fixed by streaming_muloco.exit_process: benchmarks/abort_loop.py. The retry this function used to make for it
+    is gone.)"""
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["-m", "streaming_muloco.train", "--ds-config", config, "--model", model, "--steps", str(steps),
+                "--eval-every", str(steps), "--eval-batches", "2", "--log-every", str(steps), "--no-save",
+                "--out-dir", out]
+        for s in sets:
+            argv += ["--set", s]
+        env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+        outs = link.run_ranks(argv, env=env, cwd=REPO, timeout=900)
+        failed = [(rc, text) for rc, text in outs if rc != 0]
+        if failed:
+            raise RuntimeError(f"rank failed (rc={failed[0][0]}):\n{failed[0][1][-3000:]}")
+        return json.loads(Path(out, "result.json").read_text())
 
 
 def main() -> int:

@@ -60,8 +60,7 @@ def main() -> int:
                                           else ddp_bytes),
                        "bytes_counted": "bytes_sent_per_rank" in r,
                        # None for DDP: all of its comm sits inside step()
-                       "exposed_s": r.get("comm_exposed_s"), "outer_rounds": r.get("outer_steps", 0),
-                       "startup_retries": r["startup_retries"]}
+                       "exposed_s": r.get("comm_exposed_s"), "outer_rounds": r.get("outer_steps", 0)}
                 rows.append(row)
                 print(f"   {name:40s} {row['tokens_per_s']:8.0f} tok/s  exposed {fmt_s(row['exposed_s'])}", flush=True)
     base = {r["method"]: r["tokens_per_s"] for r in rows if r["rate"] == "none"}

@@ -5,6 +5,7 @@ group and does not import DeepSpeed.
 """
 from .config import StreamingMuLoCoConfig
 from .errors import ConfigError, UserError
+from .process_exit import exit_process
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,4 @@ def initialize(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards to engine.in
     return _initialize(*args, **kwargs)
 
 
-__all__ = ["initialize", "UserError", "ConfigError", "StreamingMuLoCoConfig", "__version__"]
+__all__ = ["initialize", "exit_process", "UserError", "ConfigError", "StreamingMuLoCoConfig", "__version__"]

@@ -26,13 +26,13 @@ import difflib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import SECTION, read_json
 from .errors import CheckpointError, ConfigError, UserError, launch_rank, report
+from .process_exit import exit_process
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -346,7 +346,7 @@ def resume(engine: Any, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Train, then leave through `_exit` on every handled path, a finished run included."""
+    """Train, then leave through `exit_process` on every handled path, a finished run included."""
     engine_ref: list[Any] = []
     try:
         run(parse_args(argv), engine_ref)
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # One line per job, no traceback: these are the user's to fix. errors.report decides
         # which rank prints (rank 0 for an error every rank raises, while the others wait).
         report(e)
-        _exit(e.exit_code)
+        exit_process(e.exit_code, finished=False)
     except Exception as e:  # noqa: BLE001 - every rank must say where it stopped, then leave
         if not _is_comm_failure(e):
             raise
@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         engine = engine_ref[0] if engine_ref else None
         err = peer_failure(e, launch_rank(), engine.phase if engine else "start-up", engine.topo if engine else None)
         report(err)  # a rank-local error: every survivor says where it stopped, and rank 0 may be the dead one
-        _exit(err.exit_code)
-    _exit(0, finished=True)
+        exit_process(err.exit_code, finished=False)
+    exit_process(0)
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -377,30 +377,6 @@ def _is_comm_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "connection", "timed out", "timeout",
                                                                    "nccl", "peer"))
-
-
-def _exit(code: int, finished: bool = False) -> NoReturn:
-    """Leave now, without the interpreter's teardown (Py_Finalize).
-
-    After an error, a process group with a dead peer can block that teardown forever. After a
-    finished run it can abort the process: a gloo worker thread may not yet have dropped the
-    last collective's work, and dropping its tensors takes the GIL; during teardown CPython ends
-    such a thread with pthread_exit, which unwinds into a noexcept destructor: std::terminate,
-    "terminate called without an active exception", SIGABRT on a random rank (pytorch/pytorch
-    #190489). A barrier does not close it: the barrier's work holds the works before it. A
-    finished run still runs the atexit hooks (the MPI backend's drain, logging's flush) and
-    MPI_Finalize, which mpi4py would otherwise call during the teardown.
-    """
-    if finished:
-        import atexit
-
-        atexit._run_exitfuncs()  # CPython's own runner; the atexit module has no public one
-        mpi = sys.modules.get("mpi4py.MPI")
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

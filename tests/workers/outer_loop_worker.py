@@ -64,3 +64,4 @@ def main() -> None:
 if __name__ == "__main__":
     with newton_schulz_fp32():  # as the reference in tests/test_outer_loop_multirank.py
         main()
+    streaming_muloco.exit_process(0)  # not the interpreter teardown, which can abort (its docstring)

@@ -74,3 +74,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    streaming_muloco.exit_process(0)  # not the interpreter teardown, which can abort (its docstring)
