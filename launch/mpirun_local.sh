@@ -12,6 +12,9 @@ cd "$REPO"
 # When a rank exits non-zero, mpirun prints its own "prterun detected that one or more processes
 # exited with non-zero status" banner after our one `error:` line; no option removes it without
 # also hiding real failures (README, "The launcher's own banner").
+# The rendezvous port: a free one unless MASTER_PORT is set, so that several jobs (replica jobs of
+# a fault-tolerant run) can share this host.
+export MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 exec mpirun -np "$N" --oversubscribe --bind-to none \
-  -x DS_ACCELERATOR -x PYTHONWARNINGS -x PATH -x OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
+  -x DS_ACCELERATOR -x MASTER_PORT -x PYTHONWARNINGS -x PATH -x OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
   python -m streaming_muloco.train --ds-config "$CONFIG" "$@"

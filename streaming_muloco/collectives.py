@@ -49,10 +49,11 @@ class Encoded:
 
 
 def _mean_of_payloads(compressor: Compressor, bufs: list[torch.Tensor], numel: int, own_index: int,
-                      own: torch.Tensor) -> torch.Tensor:
+                      own: torch.Tensor, divisor: int | None = None) -> torch.Tensor:
     """Decode K flat payloads and average them in rank order (deterministic on every rank).
 
     Slot `own_index` is this rank's payload, whose decoded value `own` is already known.
+    `divisor` (default: the number of payloads) is how many of them count.
     """
     total: torch.Tensor | None = None
     scratch: torch.Tensor | None = None
@@ -73,7 +74,7 @@ def _mean_of_payloads(compressor: Compressor, bufs: list[torch.Tensor], numel: i
         else:
             total.add_(value)
     assert total is not None
-    return total.div_(len(bufs))
+    return total.div_(len(bufs) if divisor is None else divisor)
 
 
 class _TwoPhase(Handle):
@@ -169,13 +170,27 @@ class PseudoGradExchange:
         """Launch the collective; the handle's `wait()` returns the mean pseudo-gradient."""
         if self.compressor is None:
             work = self.comm.all_reduce_sum(enc.wire)  # in place: no copy of the fragment
-            K = self.K
-            return Handle(lambda: work.wait().div_(K), work.test)
+            comm = self.comm
+            return Handle(lambda: work.wait().div_(comm.mean_divisor()), work.test)
         if self.cfg.collective == "two_phase":
             return _TwoPhase(self, fragment_id, enc, self.comm.all_to_all(enc.wire))
         work = self.comm.all_gather(enc.wire)
-        own, numel, k, c = enc.own[0], enc.numel, self.comm.rank, self.compressor
-        return Handle(lambda: _mean_of_payloads(c, work.wait(), numel, k, own), work.test)
+        own, numel, k, c, comm = enc.own[0], enc.numel, self.comm.rank, self.compressor, self.comm
+        return Handle(lambda: _mean_of_payloads(c, work.wait(), numel, k, own, comm.mean_divisor()), work.test)
+
+    def snapshot_ef(self, fragment_id: int) -> list[torch.Tensor | None]:
+        """Copies of a fragment's first-phase residuals, to put back if its sync is dropped
+        (fault tolerance: the dropped round's pseudo-gradient is sent again, whole, next round)."""
+        return [None if e.residual is None else e.residual.clone() for e in self.ef[fragment_id]]
+
+    def restore_ef(self, fragment_id: int, snapshot: list[torch.Tensor | None]) -> None:
+        for e, saved in zip(self.ef[fragment_id], snapshot):
+            e.residual = saved
+
+    def reset_ef(self) -> None:
+        """Zero every residual: a healed replica's state is its peer's, which holds no debt of ours."""
+        for e in [e for per_frag in self.ef for e in per_frag] + list(self.ef_second):
+            e.reset()
 
     def ef_nbytes(self) -> int:
         """Bytes of error-feedback residuals this rank holds (both phases)."""

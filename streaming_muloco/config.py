@@ -66,6 +66,29 @@ class CommConfig:
 
 
 @dataclass(frozen=True)
+class FaultToleranceConfig:
+    """Replicas as independent jobs that meet through a torchft Lighthouse (docs/design.md §6).
+
+    `replica_id` and `lighthouse` are normally given on the command line (--replica-id,
+    --lighthouse), which also sets `enabled`.
+    """
+
+    enabled: bool = False
+    replica_id: int = -1  # k in [0, num_replicas); names the job and its data stream
+    lighthouse: str = ""  # HOST:PORT of `python -m streaming_muloco.lighthouse`
+    min_replicas: int = 1  # a sync needs at least this many replicas in its quorum
+    timeout_s: float = 60.0  # a cross-replica collective, commit vote or state transfer
+    quorum_timeout_s: float = 300.0  # waiting for a quorum of min_replicas (a joiner waits for the next sync)
+
+    def validate(self, prefix: str) -> None:
+        if self.min_replicas < 1:
+            raise ConfigError(f"{prefix}.min_replicas ({self.min_replicas}) must be >= 1")
+        for key in ("timeout_s", "quorum_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key} ({getattr(self, key)}) must be > 0 seconds")
+
+
+@dataclass(frozen=True)
 class InnerConfig:
     """Options on top of DeepSpeed's inner optimizer."""
 
@@ -96,6 +119,7 @@ class StreamingMuLoCoConfig:
     inner: InnerConfig = field(default_factory=InnerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def validate(self) -> None:
         p = SECTION
@@ -127,10 +151,41 @@ class StreamingMuLoCoConfig:
         self.inner.validate(f"{p}.inner")
         self.compression.validate(f"{p}.compression")
         self.comm.validate(f"{p}.comm")
+        self.fault_tolerance.validate(f"{p}.fault_tolerance")
+        if self.fault_tolerance.enabled:
+            self._validate_fault_tolerance()
+
+    def _validate_fault_tolerance(self) -> None:
+        p, ft = SECTION, self.fault_tolerance
+        q = f"{p}.fault_tolerance"
+        if not 0 <= ft.replica_id < self.num_replicas:
+            raise ConfigError(f"{q}.replica_id ({ft.replica_id}) must be in [0, {p}.num_replicas = "
+                              f"{self.num_replicas}); start each replica job with --replica-id k")
+        if not ft.lighthouse:
+            raise ConfigError(f"{q}.lighthouse is not set: pass --lighthouse HOST:PORT, the address printed by "
+                              f"`python -m streaming_muloco.lighthouse`")
+        if ft.min_replicas > self.num_replicas:
+            raise ConfigError(f"{q}.min_replicas ({ft.min_replicas}) must be <= {p}.num_replicas "
+                              f"({self.num_replicas})")
+        if self.comm.backend != "torch":
+            raise ConfigError(f"{p}.comm.backend ('{self.comm.backend}') cannot change membership, which "
+                              f"{q}.enabled needs: use \"torch\" (the replicas' collectives then run on torchft's "
+                              f"reconfigurable process groups)")
+        if self.compression.method != "none" and self.compression.collective == "two_phase":
+            raise ConfigError(f"{p}.compression.collective ('two_phase') is not supported with {q}.enabled: its "
+                              f"chunks are tied to a fixed replica count; use \"single_phase\"")
 
     def topology(self, world_size: int) -> tuple[int, int]:
-        """(K, D) for this world size, or a ConfigError that prints every factor."""
+        """(K, D) for this world size, or a ConfigError that prints every factor.
+
+        With fault tolerance each job is one replica, so D is the job's world size.
+        """
         K = self.num_replicas
+        if self.fault_tolerance.enabled:
+            if self.ranks_per_replica not in (0, world_size):
+                raise ConfigError(f"{SECTION}.ranks_per_replica ({self.ranks_per_replica}) must equal the ranks of "
+                                  f"this replica job ({world_size}) with fault_tolerance: each job is one replica")
+            return K, world_size
         D = self.ranks_per_replica or (world_size // K if world_size % K == 0 else 0)
         if K * D != world_size:
             raise ConfigError(f"{SECTION}.num_replicas ({K}) x ranks_per_replica ({self.ranks_per_replica or '?'}) "
@@ -153,6 +208,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}{quoted_number_hint(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

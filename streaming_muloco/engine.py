@@ -53,7 +53,13 @@ def init_distributed(timeout_s: float) -> None:
     backend = get_accelerator().communication_backend_name()
     if backend == "ccl":  # DeepSpeed's CPU accelerator names oneCCL; gloo needs nothing extra
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # Under mpirun DeepSpeed discovers rank and master from MPI, on port `distributed_port`
+    # (29500 unless given): MASTER_PORT lets two jobs on one host (replica jobs) both start.
+    import os
+
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               distributed_port=port)
 
 
 def plan_fragments(model: torch.nn.Module, cfg: StreamingMuLoCoConfig) -> list[list[str]]:
@@ -177,6 +183,7 @@ class StreamingMuLoCoEngine:
         self.nonfinite_skipped = 0
         self.phase = "start-up"
         self.outer = None
+        self.membership = None
         if cfg.enabled:
             from .comm import make_backend
             from .outer_sync import OuterSync
@@ -186,9 +193,76 @@ class StreamingMuLoCoEngine:
             named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
             self.fragments = fragments if fragments is not None else plan_fragments(engine.module, cfg)
             shard = ZeroShard(engine.optimizer, named, self.fragments)
-            comm = make_backend(cfg.comm.backend, topo, cfg.comm.timeout_s)
+            if topo.fault_tolerant:
+                from .fault_tolerance import FaultTolerance
+
+                self.membership = FaultTolerance(topo.replica_id, topo.shard_id, topo.ranks_per_replica,
+                                                 cfg.fault_tolerance, self.replica_fingerprint(), engine.device,
+                                                 self._heal_state, self._load_heal_state, metrics)
+                comm = self.membership.comm
+            else:
+                comm = make_backend(cfg.comm.backend, topo, cfg.comm.timeout_s)
             observer = SyncObserver(metrics, topo.replica_sum_async if topo.ranks_per_replica > 1 else None)
-            self.outer = OuterSync(cfg, topo.replica_id, shard, comm, observer)
+            self.outer = OuterSync(cfg, topo.replica_id, shard, comm, observer, membership=self.membership)
+
+    # ---- fault tolerance (docs/design.md §6) ----------------------------------------------------
+    def replica_fingerprint(self) -> dict[str, Any]:
+        """What every replica of a fault-tolerant run must share: the model's parameter shapes,
+        the schedule, the compression and the ZeRO layout."""
+        fp = {k: v for k, v in self.fingerprint().items() if k != "world_size"}
+        fp.update({"sync_every": self.cfg.sync_every, "sync_delay": self.cfg.sync_delay,
+                   "params": [[n, list(p.shape)] for n, p in self.engine.module.named_parameters()]})
+        return fp
+
+    def _heal_state(self) -> dict[str, Any]:
+        """What a joining replica's rank with this shard index receives from this rank."""
+        sched = self.engine.lr_scheduler
+        return {"fingerprint": self.replica_fingerprint(), "inner_steps": self.inner_steps,
+                "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                "lr_scheduler": sched.state_dict() if sched is not None else None, **self.outer.heal_state()}
+
+    def _load_heal_state(self, state: dict[str, Any]) -> None:
+        """A peer's outer state and schedule position; the inner optimizer's state stays this
+        replica's own (fresh for a restarted job): docs/design.md §6 says why."""
+        self.outer.load_heal_state(state)
+        self.inner_steps = state["inner_steps"]
+        self.engine.global_steps = state["global_steps"]
+        self.engine.global_samples = state["global_samples"]
+        if state["lr_scheduler"] is not None and self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+    def join_replicas(self, step: int) -> int:
+        """Meet the other replicas before training; returns the inner step to continue after.
+
+        Collective over the quorum. A replica behind the running ones (a late or restarted job)
+        is healed inside the quorum, which the running ones reach at their next sync start:
+        it then takes part in that sync (sending zeros that are not counted) and continues from
+        their step. Replicas that start together just agree on step and config.
+        """
+        from .fault_tolerance import STARTUP
+
+        ft = self.membership
+        if ft is None:
+            return step
+        self.phase = f"joining the other replicas (coordinator {ft.lighthouse})"
+        ft.begin_sync(step, phase=STARTUP)
+        if not ft.healed:
+            if not ft.commit(step, -1):
+                from .errors import PeerFailureError
+                raise PeerFailureError(f"replica {self.topo.replica_id}: the replicas could not agree at start-up "
+                                       f"({ft.manager.errored()}); start this job again", every_rank=True)
+            return step
+        t = self.inner_steps
+        events = self.outer.schedule.events(t)
+        first = next(i for i, e in enumerate(events) if e.kind == "start")
+        self.phase = f"outer sync after inner step {t} (joining)"
+        for i, event in enumerate(events[first:]):
+            if event.kind == "start":
+                self.outer.start(event.fragment_id, t, quorum_done=i == 0)
+            else:
+                self.outer.finish(event.fragment_id, t)
+        self.outer.shard.refresh_module_params()
+        return t
 
     # ---- checkpoints ----------------------------------------------------------------------
     # checkpoint.py owns directories, atomicity and the manifest; this engine decides what goes
@@ -336,9 +410,10 @@ class StreamingMuLoCoEngine:
         if boundary:
             self.inner_steps += 1
             if self.outer is not None:
+                peers = ("torchft quorum" if self.topo.fault_tolerant
+                         else f"ranks {self.topo.outer_ranks(self.topo.shard_id)}")
                 self.phase = (f"outer sync after inner step {self.inner_steps} (collective with the shard-"
-                              f"{self.topo.shard_id} ranks {self.topo.outer_ranks(self.topo.shard_id)} of the "
-                              f"other replicas)")
+                              f"{self.topo.shard_id} ranks of the other replicas, {peers})")
                 self.outer.after_inner_step(self.inner_steps)
 
     @property
@@ -366,7 +441,10 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     import deepspeed
 
     init_distributed(cfg.comm.timeout_s)
-    topo = Topology.build(K, D, cfg.comm.timeout_s)
+    if cfg.enabled and cfg.fault_tolerance.enabled:
+        topo = Topology.build_replica_job(K, D, cfg.fault_tolerance.replica_id, cfg.comm.timeout_s)
+    else:
+        topo = Topology.build(K, D, cfg.comm.timeout_s)
     # Replicas must start from identical weights whatever each process's seed did. The model
     # moves to the engine's device first, since NCCL cannot broadcast host tensors.
     from deepspeed.accelerator import get_accelerator

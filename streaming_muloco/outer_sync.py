@@ -48,6 +48,8 @@ class FragmentState:
     outer_opt: OuterNesterovSGD
     in_flight: Handle | None = None  # the exchange's handle between start and finish
     own: list[torch.Tensor] | None = None  # this replica's decoded contribution, for the observer
+    ef_snapshot: list[torch.Tensor | None] | None = None  # fault tolerance: EF before this round
+    started: float = 0.0  # perf_counter at start (fault tolerance: time lost to a dropped sync)
 
 
 class OuterSync:
@@ -59,11 +61,15 @@ class OuterSync:
         shard: this rank's fragment slices.
         comm: the collectives backend over the outer group (K ranks, one per replica).
         observer: receives what each sync computed (metrics and timings).
+        membership: fault tolerance (a `FaultTolerance`): a quorum before each start, a commit
+            vote before each outer step; None in a single job, where every sync commits.
     """
 
     def __init__(self, cfg: StreamingMuLoCoConfig, replica_id: int, shard: Shard, comm: CommBackend,
-                 observer: SyncObserver) -> None:
+                 observer: SyncObserver, membership: Any = None) -> None:
         self.cfg = cfg
+        self.membership = membership
+        self.after_finish: list[Any] = []  # callbacks (fragment_id, step, theta_g) after each outer step
         self.replica_id = replica_id
         self.shard = shard
         self.comm = comm
@@ -96,8 +102,13 @@ class OuterSync:
             if frag.in_flight is not None:
                 frag.in_flight.poke()
 
-    def start(self, p: int, step: int) -> None:
+    def start(self, p: int, step: int, quorum_done: bool = False) -> None:
         frag, t0 = self.fragments[p], time.perf_counter()
+        frag.started = t0
+        if self.membership is not None:
+            if not quorum_done:
+                self.membership.begin_sync(step)
+            frag.ef_snapshot = self.exchange.snapshot_ef(p)
         local = self.shard.gather(p)
         delta = pseudo_grad(frag.theta_g, local, out=local)  # the gathered copy becomes Δ
         if has_nonfinite(delta):
@@ -111,10 +122,17 @@ class OuterSync:
         frag, t0 = self.fragments[p], time.perf_counter()
         mean = frag.in_flight.wait()
         waited = time.perf_counter() - t0
+        if self.membership is not None and not self.membership.commit(step, p, started=frag.started):
+            self.exchange.restore_ef(p, frag.ef_snapshot)  # theta_g and momentum are untouched
+            frag.in_flight, frag.own, frag.ef_snapshot = None, None, None
+            return
+        frag.ef_snapshot = None
         frag.outer_opt.step(frag.theta_g, mean)
         alpha = self.cfg.mix_alpha
         self.shard.scatter(p, frag.theta_g if alpha == 0.0 else mix(self.shard.gather(p), frag.theta_g, alpha))
         self.outer_steps += 1
+        for callback in self.after_finish:
+            callback(p, step, frag.theta_g)
         self.observer.finished(p, step, mean, frag.own, wait_started=t0, waited_s=waited,
                                sync_s=time.perf_counter() - t0, outer_steps=self.outer_steps,
                                bytes_sent=self.comm.bytes_sent)
@@ -142,6 +160,26 @@ class OuterSync:
         ef = self.exchange.ef_nbytes()
         return {"shard_fp32": shard, "theta_g": shard, "outer_momentum": momentum, "error_feedback": ef,
                 "total": shard + momentum + ef}
+
+    # ---- fault tolerance: what a joining replica receives -------------------------------------
+    def heal_state(self) -> dict[str, Any]:
+        """theta_g and the outer momentum of every fragment (this shard), copied: torchft serves
+        them to the joiner after this rank has moved on."""
+        return {"theta_g": [f.theta_g.detach().clone() for f in self.fragments],
+                "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],  # a copy already
+                "outer_steps": self.outer_steps}
+
+    def load_heal_state(self, state: dict[str, Any]) -> None:
+        """Become the peer: its theta_g and momentum, local weights = theta_g for every fragment,
+        error feedback zero (the peer's residual is its own debt, not ours)."""
+        self.outer_steps = state["outer_steps"]
+        for p, (f, theta, opt) in enumerate(zip(self.fragments, state["theta_g"], state["outer_opt"])):
+            f.theta_g.copy_(theta.to(f.theta_g.device))
+            f.outer_opt.load_state_dict({k: (v.to(f.theta_g.device) if isinstance(v, torch.Tensor) else v)
+                                         for k, v in opt.items()})
+            self.shard.scatter(p, f.theta_g)
+        self.exchange.reset_ef()
+        self.shard.refresh_module_params()
 
     # ---- checkpoint state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

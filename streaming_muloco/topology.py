@@ -28,6 +28,13 @@ class Topology:
     replica_group: Any = field(default=None, repr=False)
     outer_group: Any = field(default=None, repr=False)
     self_group: Any = field(default=None, repr=False)
+    # Set when this job is one replica of a fault-tolerant run (`build_replica_job`): then the
+    # process group holds this replica's D ranks only, and torchft carries the outer group.
+    job_replica_id: int | None = None
+
+    @property
+    def fault_tolerant(self) -> bool:
+        return self.job_replica_id is not None
 
     @property
     def world_size(self) -> int:
@@ -35,7 +42,12 @@ class Topology:
 
     @property
     def replica_id(self) -> int:
-        return self.rank // self.ranks_per_replica
+        return self.job_replica_id if self.job_replica_id is not None else self.rank // self.ranks_per_replica
+
+    @property
+    def global_rank(self) -> int:
+        """k*D + d: the rank this process would have in a single job of all K replicas (data streams)."""
+        return self.replica_id * self.ranks_per_replica + self.shard_id
 
     @property
     def shard_id(self) -> int:
@@ -70,6 +82,22 @@ class Topology:
             if d == topo.shard_id:
                 topo.outer_group = g
         for r in range(topo.world_size):
+            g = dist.new_group([r], timeout=timeout)
+            if r == topo.rank:
+                topo.self_group = g
+        return topo
+
+    @classmethod
+    def build_replica_job(cls, num_replicas: int, ranks_per_replica: int, replica_id: int,
+                          timeout_s: float | None = None) -> "Topology":
+        """The groups of one replica running as its own job (fault tolerance): the world is the
+        replica. The outer group is not here: torchft's Manager builds it per quorum."""
+        if dist.get_world_size() != ranks_per_replica:
+            raise ValueError(f"a replica job has {dist.get_world_size()} ranks, expected {ranks_per_replica}")
+        topo = cls(num_replicas, ranks_per_replica, dist.get_rank(), job_replica_id=replica_id)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        topo.replica_group = dist.new_group(list(range(ranks_per_replica)), timeout=timeout)
+        for r in range(ranks_per_replica):
             g = dist.new_group([r], timeout=timeout)
             if r == topo.rank:
                 topo.self_group = g

@@ -70,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint: a step directory, or (no value) the latest one in "
                         "--out-dir/checkpoints; with none there yet, start from step 0")
+    p.add_argument("--replica-id", type=int, default=None, metavar="K",
+                   help="run this job as replica K of a fault-tolerant run (with --lighthouse); its outputs go to "
+                        "--out-dir/replicaK")
+    p.add_argument("--lighthouse", default=None, metavar="HOST:PORT",
+                   help="the coordinator of a fault-tolerant run (python -m streaming_muloco.lighthouse)")
+    p.add_argument("--trace-syncs", default=None, metavar="DIR",
+                   help="rank 0 saves theta_g after every outer step to DIR/step{N}_frag{P}.pt (for checking runs "
+                        "against each other)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logs")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
@@ -82,6 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--save-every ({args.save_every}) must be >= 0")
     if args.keep_last < 0:
         p.error(f"--keep-last ({args.keep_last}) must be >= 0 (0 keeps every checkpoint)")
+    if (args.replica_id is None) != (args.lighthouse is None):
+        p.error("--replica-id and --lighthouse go together: a fault-tolerant replica job needs both")
+    if args.replica_id is not None:
+        if args.replica_id < 0:
+            p.error(f"--replica-id ({args.replica_id}) must be >= 0")
+        args.set = [f"{SECTION}.fault_tolerance.enabled=true", f"{SECTION}.fault_tolerance.replica_id={args.replica_id}",
+                    f"{SECTION}.fault_tolerance.lighthouse={json.dumps(args.lighthouse)}"] + args.set
+        args.out_dir = os.path.join(args.out_dir, f"replica{args.replica_id}")
     return args
 
 
@@ -176,6 +192,10 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     if not args.verbose:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.ERROR)
+        # torchft (fault-tolerant runs): its Python INFO/WARN lines per quorum, and its Rust INFO
+        # log, which env_logger reads from RUST_LOG when torchft is first imported.
+        logging.getLogger("torchft").setLevel(logging.ERROR)
+        os.environ.setdefault("RUST_LOG", "warn")
     import torch.distributed as dist
 
     from . import initialize
@@ -189,6 +209,7 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
 
     start_responder(dist.get_rank(), lambda: engine.phase)  # names a dead or hung peer if a collective fails
     world, rank = dist.get_world_size(), dist.get_rank()
+    stream = engine.topo.global_rank  # a replica job reads the data its ranks would read in one job
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
     device = engine.device
@@ -214,6 +235,9 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     first = 1
     if args.resume is not None:
         first = resume(engine, args) + 1
+    if args.trace_syncs and engine.outer is not None and rank == 0:
+        trace_syncs(engine, args.trace_syncs)
+    first = engine.join_replicas(first - 1) + 1  # a fault-tolerant replica may start at its peers' step
     t_start = t_log = time.perf_counter()
     # Steady-state throughput leaves out the first steps, which pay one-off costs (torch.compile
     # of DeepSpeed's muon_update takes ~20 s on CPU) that would flatter any ratio of two runs.
@@ -222,7 +246,7 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     loss_acc, loss_n = 0.0, 0
     for step in range(first, args.steps + 1):
         for micro_step in range(accum):
-            x, y = get_batch(splits.train, micro, block, args.seed, rank, (step - 1) * accum + micro_step, device)
+            x, y = get_batch(splits.train, micro, block, args.seed, stream, (step - 1) * accum + micro_step, device)
             loss = engine(x, y)
             engine.backward(loss)
             engine.step()
@@ -267,7 +291,10 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     if engine.outer is not None:
         o = engine.outer
         result.update({**o.observer.summary(), "bytes_sent_per_rank": o.comm.bytes_sent,
-                       "outer_state_bytes": o.state_nbytes()})
+                       "outer_state_bytes": o.state_nbytes(), "theta_g_sha256": theta_g_sha256(o)})
+    if engine.membership is not None:
+        result.update({"replica_id": engine.topo.replica_id, **engine.membership.stats.summary()})
+        engine.membership.shutdown()
     from .comm.diagnose import stop_responder
 
     stop_responder()
@@ -279,6 +306,25 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
         Path(args.out_dir, "result.json").write_text(json.dumps(result, indent=1))
     metrics.close()
     return result
+
+
+def theta_g_sha256(outer: Any) -> str:
+    """sha256 over the bytes of this rank's theta_g, all fragments in fragment order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in outer.fragments:
+        h.update(f.theta_g.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def trace_syncs(engine: Any, directory: str) -> None:
+    """--trace-syncs: save theta_g of the fragment after each outer step (rank 0)."""
+    import torch
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    engine.outer.after_finish.append(
+        lambda p, step, theta: torch.save(theta.detach().cpu().clone(), Path(directory, f"step{step}_frag{p}.pt")))
 
 
 def peak_rss_mb() -> float:

@@ -60,6 +60,11 @@ class CommBackend(abc.ABC):
     def all_to_all(self, chunks: list[torch.Tensor]) -> Handle:
         """Send chunks[j] to rank j; the handle returns the list received, one per rank."""
 
+    def mean_divisor(self) -> int:
+        """What the sum of the contributions is divided by: the group size, except where some
+        members send zeros that must not count (a fault-tolerant quorum's healed replicas)."""
+        return self.size
+
     def close(self) -> None:
         pass
 

@@ -171,7 +171,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def peers_to_ask(topo: Any) -> list[int]:
-    """Everyone in a small job; in a large one the ranks this rank exchanges with directly."""
+    """Everyone in a small job; in a large one the ranks this rank exchanges with directly. A
+    fault-tolerant replica job asks its own ranks: the other replicas are torchft's to judge."""
+    if getattr(topo, "fault_tolerant", False):
+        return [r for r in range(topo.ranks_per_replica) if r != topo.rank]
     if topo.world_size <= ASK_ALL_UP_TO:
         return [r for r in range(topo.world_size) if r != topo.rank]
     near = set(topo.replica_ranks(topo.replica_id)) | set(topo.outer_ranks(topo.shard_id))
@@ -206,6 +209,8 @@ def peer_failure(exc: BaseException, rank: int, phase: str, topo: Any | None) ->
     """The user-facing error for a failed collective: where this rank was, what the backend
     said, who did not answer a roll call, and what to do."""
     rc = roll_call(rank, peers_to_ask(topo)) if topo is not None else None
+    fix = ("restart every rank with --resume to continue from the last checkpoint" if not getattr(topo, "fault_tolerant", False)
+           else f"this replica's job ends here and the other replicas carry on; start it again (same --replica-id "
+                f"{topo.replica_id}) and it rejoins at their next outer sync")
     return PeerFailureError(f"rank {rank}: a collective failed during {phase}: {_first_line(exc)}. "
-                            f"{explain(rc, topo)}; restart every rank with --resume to continue from the last "
-                            f"checkpoint.")
+                            f"{explain(rc, topo)}; {fix}.")
