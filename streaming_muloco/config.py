@@ -161,6 +161,11 @@ class StreamingMuLoCoConfig:
         if not 0 <= ft.replica_id < self.num_replicas:
             raise ConfigError(f"{q}.replica_id ({ft.replica_id}) must be in [0, {p}.num_replicas = "
                               f"{self.num_replicas}); start each replica job with --replica-id k")
+        import importlib.util
+
+        if importlib.util.find_spec("torchft") is None:
+            raise ConfigError(f"{q}.enabled needs the torchft package: pip install 'streaming_muloco[ft]' (or "
+                              f"pip install torchft)")
         if not ft.lighthouse:
             raise ConfigError(f"{q}.lighthouse is not set: pass --lighthouse HOST:PORT, the address printed by "
                               f"`python -m streaming_muloco.lighthouse`")

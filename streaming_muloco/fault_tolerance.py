@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from .comm.diagnose import first_line
 from .comm.ft_backend import FTBackend
 from .errors import ConfigError, PeerFailureError
 
@@ -100,12 +101,13 @@ class FaultTolerance:
                 heartbeat_interval=timedelta(milliseconds=100))
         except Exception as e:  # noqa: BLE001 - torchft raises plain RuntimeErrors from Rust
             raise PeerFailureError(f"replica {replica_id}: cannot reach the coordinator at {ft.lighthouse} "
-                                   f"(streaming_muloco.fault_tolerance.lighthouse): {_first_line(e)}; start it with "
+                                   f"(streaming_muloco.fault_tolerance.lighthouse): {first_line(e)}; start it with "
                                    f"`python -m streaming_muloco.lighthouse --port PORT --min-replicas M` and pass "
                                    f"its HOST:PORT to --lighthouse", every_rank=True) from None
         self.comm = FTBackend(self.pg, self.manager.report_error, ft.timeout_s)
         self.stats = FTStats()
         self.healed = False  # during the current sync: this replica was healed at its quorum
+        self.healed_step = 0
         self._meta_handle: Any = None
         self._meta: list[list[int]] | None = None
         self._members: set[int] | None = None
@@ -125,7 +127,7 @@ class FaultTolerance:
                               f"{', '.join(diff)} (theirs: {', '.join(f'{k}={(theirs or {}).get(k)}' for k in diff)}); "
                               f"start it with the same config")
         self._receive_state(state)
-        self.healed = True
+        self.healed, self.healed_step = True, int(state["inner_steps"])
 
     # ---- one sync ----------------------------------------------------------------------------
     def begin_sync(self, step: int, phase: int = SYNC) -> None:
@@ -138,9 +140,10 @@ class FaultTolerance:
             raise
         except Exception as e:  # noqa: BLE001 - no quorum: torchft raises a RuntimeError/TimeoutError
             raise PeerFailureError(f"replica {self.replica_id}: no quorum of at least min_replicas replicas at "
-                                   f"inner step {step} within fault_tolerance.quorum_timeout_s: {_first_line(e)}",
+                                   f"inner step {step} within fault_tolerance.quorum_timeout_s: {first_line(e)}",
                                    every_rank=True) from None
-        if self.healed:
+        if self.healed:  # now at the peers' step, inside their sync (a joiner leaves its start-up)
+            step, phase = self.healed_step, SYNC
             seconds = time.perf_counter() - t0
             self.stats.heals.append({"step": step, "seconds": seconds})
             self.metrics.scalar("ft/heal_s", seconds, step)
@@ -211,7 +214,7 @@ class FaultTolerance:
             ok = self.manager.should_commit()
         except Exception as e:  # noqa: BLE001 - a rank of this replica is gone: this job ends
             raise PeerFailureError(f"replica {self.replica_id} rank {self.shard_id}: the commit vote of inner step "
-                                   f"{step} failed ({_first_line(e)}): a rank of this replica died or hangs; this "
+                                   f"{step} failed ({first_line(e)}): a rank of this replica died or hangs; this "
                                    f"replica's job ends and the others carry on") from None
         if ok:
             self._lost_since = None
@@ -221,15 +224,10 @@ class FaultTolerance:
             self._lost_since = time.perf_counter()
             log.warning("replica %d: outer sync of fragment %d at inner step %d dropped (%s); it is sent again in "
                         "the fragment's next round", self.replica_id, fragment_id, step,
-                        _first_line(self.manager.errored()) if self.manager.errored() else "a peer failed")
+                        first_line(self.manager.errored()) if self.manager.errored() else "a peer failed")
         self.metrics.scalar("ft/dropped_syncs", len(self.stats.failures), step)
         return ok
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
-
-
-def _first_line(e: Any) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 

@@ -120,6 +120,8 @@ class OuterSync:
 
     def finish(self, p: int, step: int) -> None:
         frag, t0 = self.fragments[p], time.perf_counter()
+        if frag.in_flight is None and self.membership is not None:
+            return  # its round was dropped by a whole-job resume (state_dict)
         mean = frag.in_flight.wait()
         waited = time.perf_counter() - t0
         if self.membership is not None and not self.membership.commit(step, p, started=frag.started):
@@ -190,9 +192,17 @@ class OuterSync:
         from the stored value, exactly as the uninterrupted run would have (its sync then
         reports no cosine: the contribution it was measured against is not saved).
         """
+        if self.membership is not None:
+            # Fault tolerance: the round in flight has not been voted on yet, so it is not saved;
+            # a resume drops it (error feedback as before it, theta_g untouched) and its
+            # pseudo-gradient goes into the fragment's next round, on every replica alike.
+            in_flight = {p: {"ef_snapshot": f.ef_snapshot} for p, f in enumerate(self.fragments)
+                         if f.in_flight is not None}
+        else:
+            in_flight = {p: {"mean": f.in_flight.wait().clone()}
+                         for p, f in enumerate(self.fragments) if f.in_flight is not None}
         return {
-            "in_flight": {p: {"mean": f.in_flight.wait().clone()}
-                          for p, f in enumerate(self.fragments) if f.in_flight is not None},
+            "in_flight": in_flight,
             "outer_steps": self.outer_steps,
             "theta_g": [f.theta_g.clone() for f in self.fragments],
             "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],
@@ -209,5 +219,8 @@ class OuterSync:
         self.comm.bytes_sent = state["bytes_sent"]
         for p, pending in state["in_flight"].items():
             frag = self.fragments[p]
+            if "ef_snapshot" in pending:
+                self.exchange.restore_ef(p, pending["ef_snapshot"])
+                continue
             mean = pending["mean"].to(frag.theta_g.device)
             frag.in_flight, frag.own = Handle(lambda m=mean: m), None

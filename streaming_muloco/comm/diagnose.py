@@ -79,7 +79,7 @@ def start_responder(rank: int, phase: Callable[[], str]) -> bool:
                                timeout=datetime.timedelta(days=7))
     except Exception as e:  # noqa: BLE001 - a diagnostic aid must never stop training
         log.warning("rank %d: no roll-call responder (%s); a failed collective will not name its peer", rank,
-                    _first_line(e))
+                    first_line(e))
         return False
     stopping = threading.Event()
     thread = threading.Thread(target=_respond, args=(client, rank, phase, stopping), daemon=True,
@@ -159,11 +159,12 @@ def roll_call(rank: int, peers: Sequence[int], wait_s: float = ROLL_CALL_S) -> R
                 w = json.loads(store.get(f"{_KEY}where/{p}"))
                 rc.where[p] = f"pid {w['pid']} on {w['host']}"
     except Exception as e:  # noqa: BLE001 - a store that fails is itself the diagnosis
-        rc.store_error = _first_line(e)
+        rc.store_error = first_line(e)
     return rc
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text, without gloo's source location and advice."""
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line)  # gloo's source location prefix
@@ -212,5 +213,5 @@ def peer_failure(exc: BaseException, rank: int, phase: str, topo: Any | None) ->
     fix = ("restart every rank with --resume to continue from the last checkpoint" if not getattr(topo, "fault_tolerant", False)
            else f"this replica's job ends here and the other replicas carry on; start it again (same --replica-id "
                 f"{topo.replica_id}) and it rejoins at their next outer sync")
-    return PeerFailureError(f"rank {rank}: a collective failed during {phase}: {_first_line(exc)}. "
+    return PeerFailureError(f"rank {rank}: a collective failed during {phase}: {first_line(exc)}. "
                             f"{explain(rc, topo)}; {fix}.")

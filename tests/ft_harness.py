@@ -1,0 +1,111 @@
+"""Fault-tolerant runs for the tests: a real Lighthouse and real replica jobs (processes, gloo).
+
+Every replica job is started the way a user starts one: `python -m streaming_muloco.train
+--replica-id k --lighthouse HOST:PORT` with its own rendezvous (RANK/WORLD_SIZE/MASTER_PORT, or
+`launch/mpirun_local.sh` for D > 1). Output goes to a file, so a test can wait for a step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from multirank import REPO, base_env, free_port
+
+CONFIG = "ds_configs/streaming_muloco_cpu.json"
+
+
+class Lighthouse:
+    def __init__(self, min_replicas: int, heartbeat_ms: int = 1500, join_ms: int = 1000) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streaming_muloco.lighthouse", "--port", "0", "--min-replicas", str(min_replicas),
+             "--heartbeat-timeout-ms", str(heartbeat_ms), "--join-timeout-ms", str(join_ms)],
+            cwd=REPO, env=base_env({"RUST_LOG": "warn"}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on \S+:(\d+)", line)
+        assert m, f"lighthouse did not start: {line!r}"
+        self.address = f"127.0.0.1:{m.group(1)}"
+
+    def stop(self) -> None:
+        _kill(self.proc)
+
+
+def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            proc.wait(timeout=30)
+
+
+class Replica:
+    """One replica job: D processes (or one mpirun), output in out/replica{k}.log."""
+
+    def __init__(self, k: int, D: int, out: Path, lighthouse: str, args: list[str], launcher: str = "env") -> None:
+        self.k, self.out = k, out
+        self.log = out / f"replica{k}.log"
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(self.log, "w")
+        flags = ["--replica-id", str(k), "--lighthouse", lighthouse, "--out-dir", str(out), *args]
+        train = ["--ds-config", CONFIG, *flags]
+        port = free_port()
+        if launcher == "mpirun":
+            self.procs = [subprocess.Popen(["bash", "launch/mpirun_local.sh", str(D), CONFIG, *flags], cwd=REPO,
+                                           env=base_env({"MASTER_PORT": str(port)}), stdout=fh,
+                                           stderr=subprocess.STDOUT, start_new_session=True)]
+        else:
+            self.procs = []
+            for d in range(D):
+                env = base_env({"RANK": str(d), "LOCAL_RANK": str(d), "WORLD_SIZE": str(D),
+                                "LOCAL_WORLD_SIZE": str(D), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "streaming_muloco.train", *train], cwd=REPO,
+                                                   env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_step(self, step: int, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        pattern = re.compile(r"step\s+(\d+)/")
+        while time.time() < deadline:
+            seen = [int(m) for m in pattern.findall(self.output())]
+            if seen and max(seen) >= step:
+                return
+            if all(p.poll() is not None for p in self.procs):
+                raise AssertionError(f"replica {self.k} ended before step {step}:\n{self.output()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"replica {self.k} did not reach step {step} in {timeout} s:\n{self.output()[-3000:]}")
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        deadline = time.time() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"replica {self.k} did not finish in {timeout} s:\n{self.output()[-3000:]}")
+        return [p.returncode for p in self.procs]
+
+    def kill(self, sig: int = signal.SIGKILL, rank: int | None = None) -> None:
+        for d, p in enumerate(self.procs):
+            if rank is None or d == rank:
+                _kill(p, sig)
+
+    def result(self) -> dict:
+        return json.loads((self.out / f"replica{self.k}" / "result.json").read_text())
+
+
+def train_args(num_replicas: int, steps: int, min_replicas: int, extra: list[str] = ()) -> list[str]:
+    return ["--steps", str(steps), "--log-every", "5", "--eval-every", str(steps), "--eval-batches", "2", "--no-save",
+            "--set", f"streaming_muloco.num_replicas={num_replicas}", "--set", "streaming_muloco.sync_every=10",
+            "--set", "streaming_muloco.fault_tolerance.timeout_s=10",
+            "--set", f"streaming_muloco.fault_tolerance.min_replicas={min_replicas}", *extra]

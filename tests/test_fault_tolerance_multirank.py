@@ -1,0 +1,186 @@
+"""Replicas as independent jobs (docs/design.md §6): kill, hang, restart, late join, equality.
+
+Real processes throughout: a torchft Lighthouse, replica jobs of `python -m
+streaming_muloco.train --replica-id k --lighthouse ...` (D=2 through launch/mpirun_local.sh),
+gloo collectives on torchft's reconfigurable process groups. Every wait has a timeout.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ft_harness import Lighthouse, Replica, train_args
+
+pytestmark = pytest.mark.multirank
+
+
+@pytest.fixture
+def lighthouse2():
+    lh = Lighthouse(min_replicas=2)
+    yield lh
+    lh.stop()
+
+
+def traces(out: Path, k: int) -> dict[str, torch.Tensor]:
+    return {f.name: torch.load(f) for f in sorted((out / f"trace{k}").glob("*.pt"))}
+
+
+def syncs_after(step: int, names: list[str]) -> list[str]:
+    return [n for n in names if int(n.split("_")[0][4:]) > step]
+
+
+def assert_survivors(reps: list[Replica], kill_step: int) -> list[dict]:
+    results = []
+    for r in reps:
+        assert r.wait() == [0] * len(r.procs), r.output()[-3000:]
+        res = r.result()
+        results.append(res)
+        sizes = dict((s, n) for s, n in res["quorum_history"])
+        assert max(sizes.values()) == 3 and sizes[max(sizes)] == 2, res["quorum_history"]
+        assert res["drops"] == 1, res
+        losses = dict((s, v) for s, v in res["history"]["train_loss"])
+        assert losses[max(losses)] < losses[kill_step], losses  # it kept learning after the failure
+    assert results[0]["theta_g_sha256"] == results[1]["theta_g_sha256"]
+    return results
+
+
+@pytest.mark.parametrize("D", [1, 2])
+def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
+    launcher = "mpirun" if D == 2 else "env"
+    steps = 120
+    reps = [Replica(k, D, tmp_path, lighthouse2.address, train_args(3, steps, 2), launcher) for k in range(3)]
+    try:
+        reps[2].wait_for_step(40)
+        reps[2].kill()
+        assert_survivors(reps[:2], kill_step=40)
+    finally:
+        for r in reps:
+            r.kill()
+
+
+def test_one_dead_rank_ends_only_its_replica(tmp_path, lighthouse2):
+    reps = [Replica(k, 2, tmp_path, lighthouse2.address, train_args(3, 120, 2)) for k in range(3)]
+    try:
+        reps[2].wait_for_step(40)
+        reps[2].kill(rank=1)
+        codes = reps[2].wait(timeout=120)  # its rank 0 ends on its own: the vote of its ranks fails
+        assert codes[0] != 0, reps[2].output()[-3000:]
+        assert_survivors(reps[:2], kill_step=40)
+    finally:
+        for r in reps:
+            r.kill()
+
+
+def test_a_hung_replica_is_dropped_after_the_heartbeat_timeout(tmp_path, lighthouse2):
+    reps = [Replica(k, 1, tmp_path, lighthouse2.address, train_args(3, 120, 2)) for k in range(3)]
+    try:
+        reps[2].wait_for_step(40)
+        reps[2].kill(signal.SIGSTOP)
+        assert_survivors(reps[:2], kill_step=40)
+    finally:
+        for r in reps:
+            r.kill()
+
+
+def _joins_and_matches(tmp_path: Path, reps: list[Replica], joiner: Replica, steps: int, joined_after: int) -> None:
+    for r in reps + [joiner]:
+        assert r.wait() == [0], r.output()[-3000:]
+    res = [r.result() for r in reps + [joiner]]
+    assert len({r["theta_g_sha256"] for r in res}) == 1, [r["theta_g_sha256"] for r in res]
+    j = res[-1]
+    assert j["heals"] and j["heals"][0]["step"] >= joined_after, j["heals"]
+    healed_at = j["heals"][0]["step"]
+    assert res[0]["joins"] >= 1
+    theirs, mine = traces(tmp_path, 0), traces(tmp_path, joiner.k)
+    after = syncs_after(healed_at, sorted(theirs))
+    assert after and all(n in mine for n in after), (after, sorted(mine))
+    for n in after:  # bit for bit at every sync once it has joined
+        assert torch.equal(theirs[n], mine[n]), n
+
+
+def test_a_restarted_replica_rejoins_bit_identical(tmp_path, lighthouse2):
+    steps = 400
+    args = lambda k: train_args(3, steps, 2, ["--trace-syncs", str(tmp_path / f"trace{k}")])  # noqa: E731
+    reps = [Replica(k, 1, tmp_path, lighthouse2.address, args(k)) for k in range(3)]
+    try:
+        reps[2].wait_for_step(40)
+        reps[2].kill()
+        reps[0].wait_for_step(60)
+        again = Replica(2, 1, tmp_path / "again", lighthouse2.address, args(2))
+        _joins_and_matches(tmp_path, reps[:2], again, steps, joined_after=60)
+    finally:
+        for r in reps:
+            r.kill()
+
+
+def test_a_replica_started_late_joins_the_same_way(tmp_path, lighthouse2):
+    steps = 400
+    args = lambda k: train_args(3, steps, 2, ["--trace-syncs", str(tmp_path / f"trace{k}")])  # noqa: E731
+    reps = [Replica(k, 1, tmp_path, lighthouse2.address, args(k)) for k in range(2)]
+    try:
+        reps[0].wait_for_step(50)
+        late = Replica(2, 1, tmp_path, lighthouse2.address, args(2))
+        _joins_and_matches(tmp_path, reps, late, steps, joined_after=50)
+    finally:
+        for r in reps:
+            r.kill()
+
+
+def test_without_failures_replica_jobs_equal_the_single_job(tmp_path):
+    from multirank import run_ranks
+
+    steps = 60
+    common = ["--ds-config", "ds_configs/streaming_muloco_cpu.json", "--steps", str(steps), "--eval-every", str(steps),
+              "--eval-batches", "2", "--no-save", "--set", "streaming_muloco.num_replicas=2",
+              "--set", "streaming_muloco.sync_every=10"]
+    single = run_ranks(2, ["-m", "streaming_muloco.train", *common, "--out-dir", str(tmp_path / "single"),
+                           "--trace-syncs", str(tmp_path / "single_trace")], timeout=300)
+    assert single.ok, single.describe()
+    lh = Lighthouse(min_replicas=2)
+    try:
+        args = lambda k: train_args(2, steps, 2, ["--trace-syncs", str(tmp_path / f"trace{k}")])  # noqa: E731
+        reps = [Replica(k, 1, tmp_path, lh.address, args(k)) for k in range(2)]
+        for r in reps:
+            assert r.wait() == [0], r.output()[-3000:]
+    finally:
+        lh.stop()
+    ref = {f.name: torch.load(f) for f in sorted((tmp_path / "single_trace").glob("*.pt"))}
+    assert len(ref) >= 5
+    for k in range(2):
+        mine = traces(tmp_path, k)
+        assert sorted(mine) == sorted(ref)
+        for n, t in ref.items():
+            torch.testing.assert_close(mine[n], t, rtol=0, atol=1e-6)
+
+
+def test_errors_one_line_and_no_hang(tmp_path):
+    t0 = time.time()
+    r = Replica(0, 1, tmp_path / "nolh", "127.0.0.1:9", train_args(2, 20, 1, [
+        "--set", "streaming_muloco.fault_tolerance.timeout_s=3"]))
+    assert r.wait(timeout=120) != [0]
+    lines = [ln for ln in r.output().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "cannot reach the coordinator at 127.0.0.1:9" in lines[0], r.output()[-3000:]
+    assert "Traceback" not in r.output()
+    assert time.time() - t0 < 110
+
+
+def test_a_different_config_or_a_duplicate_id_is_refused(tmp_path):
+    lh = Lighthouse(min_replicas=1)
+    try:
+        base = train_args(3, 400, 1)
+        reps = [Replica(0, 1, tmp_path, lh.address, base)]
+        reps[0].wait_for_step(20)
+        other = Replica(1, 1, tmp_path / "other", lh.address, base + ["--set", "streaming_muloco.compression.method=\"linear\""])
+        assert other.wait(timeout=180) != [0]
+        lines = [ln for ln in other.output().splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "config differs" in lines[0] and "compression" in lines[0], other.output()[-3000:]
+        dup = Replica(0, 1, tmp_path / "dup", lh.address, base)
+        assert dup.wait(timeout=180) != [0]
+        lines = [ln for ln in dup.output().splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "--replica-id 0 is already running" in lines[0], dup.output()[-3000:]
+        assert reps[0].wait() == [0], reps[0].output()[-3000:]  # the original carries on to the end
+    finally:
+        lh.stop()
