@@ -35,6 +35,24 @@ BAD_SECTIONS = [
     ({"comm": {"timeout_s": -1}}, r"comm\.timeout_s \(-1\.0\) must be > 0"),
     ({"comm": 3}, r"streaming_muloco\.comm must be a JSON object"),
     ({"inner": {"muon_update_scale": "keller"}}, r"inner\.muon_update_scale \('keller'\) must be one of"),
+    # fault tolerance (docs/design.md §6)
+    ({"num_replicas": 2, "fault_tolerance": {"enabled": True, "replica_id": 0, "lighthouse": "h:1"},
+      "comm": {"backend": "mpi"}},
+     r"streaming_muloco\.comm\.backend \('mpi'\) cannot change membership, which "
+     r"streaming_muloco\.fault_tolerance\.enabled needs"),
+    ({"num_replicas": 2, "fault_tolerance": {"enabled": True, "replica_id": 2, "lighthouse": "h:1"}},
+     r"fault_tolerance\.replica_id \(2\) must be in \[0, streaming_muloco\.num_replicas = 2\)"),
+    ({"num_replicas": 2, "fault_tolerance": {"enabled": True, "replica_id": 0}},
+     r"fault_tolerance\.lighthouse is not set: pass --lighthouse HOST:PORT"),
+    ({"num_replicas": 2, "fault_tolerance": {"enabled": True, "replica_id": 0, "lighthouse": "h:1",
+                                             "min_replicas": 3}},
+     r"fault_tolerance\.min_replicas \(3\) must be <= streaming_muloco\.num_replicas \(2\)"),
+    ({"num_replicas": 2, "fault_tolerance": {"enabled": True, "replica_id": 0, "lighthouse": "h:1"},
+      "compression": {"method": "linear", "collective": "two_phase"}},
+     r"compression\.collective \('two_phase'\) is not supported with streaming_muloco\.fault_tolerance\.enabled"),
+    ({"fault_tolerance": {"min_replicas": 0}}, r"fault_tolerance\.min_replicas \(0\) must be >= 1"),
+    ({"fault_tolerance": {"timeout_s": 0}}, r"fault_tolerance\.timeout_s \(0\.0\) must be > 0"),
+    ({"fault_tolerance": {"lighthouse": 5}}, r"fault_tolerance\.lighthouse must be a string, got 5"),
 ]
 
 
@@ -42,6 +60,13 @@ BAD_SECTIONS = [
 def test_bad_section_raises_naming_the_key(section, message):
     with pytest.raises(ConfigError, match=message):
         parse_section(section)
+
+
+def test_a_replica_job_is_one_replica_of_world_size_ranks():
+    section = {"num_replicas": 3, "fault_tolerance": {"enabled": True, "replica_id": 1, "lighthouse": "h:1"}}
+    assert parse_section(section).topology(2) == (3, 2)
+    with pytest.raises(ConfigError, match=r"ranks_per_replica \(4\) must equal the ranks of this replica job \(2\)"):
+        parse_section({**section, "ranks_per_replica": 4}).topology(2)
 
 
 def test_defaults_are_the_papers():
@@ -142,6 +167,11 @@ def _config_file(tmp_path, section):
     (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--data", _token_file(t, [1, 2, 3] * 2000),
                 "--data-dtype", "int8"], "error: --data-dtype 'int8' is not supported"),
     (lambda t: ["--ds-config", _raw_file(t, "{not json")], "is not valid JSON"),
+    (lambda t: ["--ds-config", "ds_configs/muloco_cpu.json", "--replica-id", "0"],
+     "error: --replica-id and --lighthouse go together: a fault-tolerant replica job needs both (see --help)"),
+    (lambda t: ["--ds-config", "ds_configs/streaming_muloco_cpu.json", "--replica-id", "0", "--lighthouse", "h:1",
+                "--set", "streaming_muloco.comm.backend=mpi"],
+     "error: streaming_muloco.comm.backend ('mpi') cannot change membership"),
 ])
 def test_cli_prints_one_error_line_and_exits_2_before_any_process_group(tmp_path, make_args, message):
     proc = _train_cli(tmp_path, *make_args(tmp_path))

@@ -44,6 +44,13 @@ def assert_survivors(reps: list[Replica], kill_step: int) -> list[dict]:
         losses = dict((s, v) for s, v in res["history"]["train_loss"])
         assert losses[max(losses)] < losses[kill_step], losses  # it kept learning after the failure
     assert results[0]["theta_g_sha256"] == results[1]["theta_g_sha256"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(reps[0].out / "replica0" / "tb"))
+    tb.Reload()
+    sizes = [e.value for e in tb.Scalars("ft/quorum_size")]
+    assert 3.0 in sizes and sizes[-1] == 2.0, sizes
+    assert tb.Scalars("ft/drops")[-1].value == 1.0
     return results
 
 
@@ -129,24 +136,28 @@ def test_a_replica_started_late_joins_the_same_way(tmp_path, lighthouse2):
             r.kill()
 
 
-def test_without_failures_replica_jobs_equal_the_single_job(tmp_path):
+@pytest.mark.parametrize("compression", [[], ["--set", "streaming_muloco.compression.method=\"linear\"",
+                                             "--set", "streaming_muloco.compression.bits=4"]], ids=["fp32", "linear4_ef"])
+def test_without_failures_replica_jobs_equal_the_single_job(tmp_path, compression):
     from multirank import run_ranks
 
     steps = 60
     common = ["--ds-config", "ds_configs/streaming_muloco_cpu.json", "--steps", str(steps), "--eval-every", str(steps),
               "--eval-batches", "2", "--no-save", "--set", "streaming_muloco.num_replicas=2",
-              "--set", "streaming_muloco.sync_every=10"]
+              "--set", "streaming_muloco.sync_every=10", *compression]
     single = run_ranks(2, ["-m", "streaming_muloco.train", *common, "--out-dir", str(tmp_path / "single"),
                            "--trace-syncs", str(tmp_path / "single_trace")], timeout=300)
     assert single.ok, single.describe()
     lh = Lighthouse(min_replicas=2)
     try:
-        args = lambda k: train_args(2, steps, 2, ["--trace-syncs", str(tmp_path / f"trace{k}")])  # noqa: E731
+        args = lambda k: train_args(2, steps, 2, ["--trace-syncs", str(tmp_path / f"trace{k}"), *compression])  # noqa: E731
         reps = [Replica(k, 1, tmp_path, lh.address, args(k)) for k in range(2)]
         for r in reps:
             assert r.wait() == [0], r.output()[-3000:]
     finally:
         lh.stop()
+    if compression:
+        assert reps[0].result()["outer_state_bytes"]["error_feedback"] > 0  # the compressed path really ran
     ref = {f.name: torch.load(f) for f in sorted((tmp_path / "single_trace").glob("*.pt"))}
     assert len(ref) >= 5
     for k in range(2):
@@ -184,3 +195,28 @@ def test_a_different_config_or_a_duplicate_id_is_refused(tmp_path):
         assert reps[0].wait() == [0], reps[0].output()[-3000:]  # the original carries on to the end
     finally:
         lh.stop()
+
+
+def test_whole_job_resume_from_per_replica_checkpoints(tmp_path, lighthouse2):
+    """SIGKILL every replica after its step-30 checkpoint; --resume continues both from step 30."""
+    def args(extra):
+        return [a for a in train_args(2, 60, 2, extra) if a != "--no-save"]
+
+    reps = [Replica(k, 1, tmp_path, lighthouse2.address, args(["--save-every", "30"])) for k in range(2)]
+    try:
+        for r in reps:
+            r.wait_for_step(40)
+        for r in reps:
+            r.kill()
+        assert all((tmp_path / f"replica{k}" / "checkpoints" / "step30" / "manifest.json").is_file() for k in range(2))
+        again = [Replica(k, 1, tmp_path, lighthouse2.address, args(["--save-every", "30", "--resume"]))
+                 for k in range(2)]
+        for r in again:
+            assert r.wait() == [0], r.output()[-3000:]
+            assert "resumed from" in r.output() and "at inner step 30" in r.output()
+        res = [r.result() for r in again]
+        assert res[0]["theta_g_sha256"] == res[1]["theta_g_sha256"]
+        assert res[0]["quorum_history"][0] == [30, 2]
+    finally:
+        for r in reps:
+            r.kill()
