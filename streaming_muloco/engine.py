@@ -205,64 +205,24 @@ class StreamingMuLoCoEngine:
             observer = SyncObserver(metrics, topo.replica_sum_async if topo.ranks_per_replica > 1 else None)
             self.outer = OuterSync(cfg, topo.replica_id, shard, comm, observer, membership=self.membership)
 
-    # ---- fault tolerance (docs/design.md §6) ----------------------------------------------------
+    # ---- fault tolerance (docs/design.md §6.1): the engine's side lives in replica_job.py ----
     def replica_fingerprint(self) -> dict[str, Any]:
-        """What every replica of a fault-tolerant run must share: the model's parameter shapes,
-        the schedule, the compression and the ZeRO layout."""
-        fp = {k: v for k, v in self.fingerprint().items() if k != "world_size"}
-        fp.update({"sync_every": self.cfg.sync_every, "sync_delay": self.cfg.sync_delay,
-                   "params": [[n, list(p.shape)] for n, p in self.engine.module.named_parameters()]})
-        return fp
+        from .replica_job import replica_fingerprint
+        return replica_fingerprint(self)
 
     def _heal_state(self) -> dict[str, Any]:
-        """What a joining replica's rank with this shard index receives from this rank."""
-        sched = self.engine.lr_scheduler
-        return {"fingerprint": self.replica_fingerprint(), "inner_steps": self.inner_steps,
-                "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
-                "lr_scheduler": sched.state_dict() if sched is not None else None, **self.outer.heal_state()}
+        from .replica_job import heal_state
+        return heal_state(self)
 
     def _load_heal_state(self, state: dict[str, Any]) -> None:
-        """A peer's outer state and schedule position; the inner optimizer's state stays this
-        replica's own (fresh for a restarted job): docs/design.md §6 says why."""
-        self.outer.load_heal_state(state)
-        self.inner_steps = state["inner_steps"]
-        self.engine.global_steps = state["global_steps"]
-        self.engine.global_samples = state["global_samples"]
-        if state["lr_scheduler"] is not None and self.engine.lr_scheduler is not None:
-            self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        from .replica_job import load_heal_state
+        load_heal_state(self, state)
 
     def join_replicas(self, step: int) -> int:
-        """Meet the other replicas before training; returns the inner step to continue after.
-
-        Collective over the quorum. A replica behind the running ones (a late or restarted job)
-        is healed inside the quorum, which the running ones reach at their next sync start:
-        it then takes part in that sync (sending zeros that are not counted) and continues from
-        their step. Replicas that start together just agree on step and config.
-        """
-        from .fault_tolerance import STARTUP
-
-        ft = self.membership
-        if ft is None:
-            return step
-        self.phase = f"joining the other replicas (coordinator {ft.lighthouse})"
-        ft.begin_sync(step, phase=STARTUP)
-        if not ft.healed:
-            if not ft.commit(step, -1):
-                from .errors import PeerFailureError
-                raise PeerFailureError(f"replica {self.topo.replica_id}: the replicas could not agree at start-up "
-                                       f"({ft.manager.errored()}); start this job again", every_rank=True)
-            return step
-        t = self.inner_steps
-        events = self.outer.schedule.events(t)
-        first = next(i for i, e in enumerate(events) if e.kind == "start")
-        self.phase = f"outer sync after inner step {t} (joining)"
-        for i, event in enumerate(events[first:]):
-            if event.kind == "start":
-                self.outer.start(event.fragment_id, t, quorum_done=i == 0)
-            else:
-                self.outer.finish(event.fragment_id, t)
-        self.outer.shard.refresh_module_params()
-        return t
+        """Meet the other replicas of a fault-tolerant run before training (no-op otherwise);
+        returns the inner step to continue after (a late joiner's is its peers')."""
+        from .replica_job import join_replicas
+        return join_replicas(self, step)
 
     # ---- checkpoints ----------------------------------------------------------------------
     # checkpoint.py owns directories, atomicity and the manifest; this engine decides what goes
