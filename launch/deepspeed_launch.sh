@@ -19,4 +19,7 @@ fi
 if [[ "$NODES" == "1" && ( "$FIRST" == "localhost" || "$FIRST" == "127.0.0.1" ) ]]; then
   extra+=(--no_ssh_check --master_addr 127.0.0.1)
 fi
+if [[ -n "${MASTER_PORT:-}" ]]; then  # e.g. several replica jobs of a fault-tolerant run on one host
+  extra+=(--master_port "$MASTER_PORT")
+fi
 exec deepspeed --hostfile "$HOSTFILE" "${extra[@]}" --module streaming_muloco.train --ds-config "$CONFIG" "$@"

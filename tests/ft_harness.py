@@ -47,7 +47,8 @@ def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 class Replica:
-    """One replica job: D processes (or one mpirun), output in out/replica{k}.log."""
+    """One replica job: D processes, or one `launch/mpirun_local.sh` / `launch/deepspeed_launch.sh`
+    job (launcher "mpirun" / "deepspeed"); output in out/replica{k}.log."""
 
     def __init__(self, k: int, D: int, out: Path, lighthouse: str, args: list[str], launcher: str = "env") -> None:
         self.k, self.out = k, out
@@ -57,7 +58,13 @@ class Replica:
         flags = ["--replica-id", str(k), "--lighthouse", lighthouse, "--out-dir", str(out), *args]
         train = ["--ds-config", CONFIG, *flags]
         port = free_port()
-        if launcher == "mpirun":
+        if launcher == "deepspeed":
+            hostfile = out / f"hostfile{k}"
+            hostfile.write_text(f"localhost slots={D}\n")
+            self.procs = [subprocess.Popen(["bash", "launch/deepspeed_launch.sh", str(hostfile), CONFIG, *flags],
+                                           cwd=REPO, env=base_env({"MASTER_PORT": str(port)}), stdout=fh,
+                                           stderr=subprocess.STDOUT, start_new_session=True)]
+        elif launcher == "mpirun":
             self.procs = [subprocess.Popen(["bash", "launch/mpirun_local.sh", str(D), CONFIG, *flags], cwd=REPO,
                                            env=base_env({"MASTER_PORT": str(port)}), stdout=fh,
                                            stderr=subprocess.STDOUT, start_new_session=True)]

@@ -56,9 +56,10 @@ def assert_survivors(reps: list[Replica], kill_step: int) -> list[dict]:
 
 @pytest.mark.parametrize("D", [1, 2])
 def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
-    launcher = "mpirun" if D == 2 else "env"
+    # D=2: every replica under launch/mpirun_local.sh; D=1: replica 0 under launch/deepspeed_launch.sh
+    launchers = ["mpirun"] * 3 if D == 2 else ["deepspeed", "env", "env"]
     steps = 120
-    reps = [Replica(k, D, tmp_path, lighthouse2.address, train_args(3, steps, 2), launcher) for k in range(3)]
+    reps = [Replica(k, D, tmp_path, lighthouse2.address, train_args(3, steps, 2), launchers[k]) for k in range(3)]
     try:
         reps[2].wait_for_step(40)
         reps[2].kill()
