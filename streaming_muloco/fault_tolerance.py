@@ -217,6 +217,8 @@ class FaultTolerance:
                                    f"{step} failed ({first_line(e)}): a rank of this replica died or hangs; this "
                                    f"replica's job ends and the others carry on") from None
         if ok:
+            if self._lost_since is not None:  # the first commit after a dropped sync: its cost is known
+                self.metrics.scalar("ft/seconds_lost", self.stats.failures[-1]["seconds_lost"], step)
             self._lost_since = None
         else:
             lost = time.perf_counter() - started if started is not None else 0.0

@@ -221,3 +221,30 @@ def test_whole_job_resume_from_per_replica_checkpoints(tmp_path, lighthouse2):
     finally:
         for r in reps:
             r.kill()
+
+
+def test_nan_policy_keeps_working_across_replica_jobs(tmp_path, lighthouse2):
+    """The bad-numerics worker of test_nonfinite_multirank, each replica its own job."""
+    import subprocess
+    import sys
+
+    from multirank import REPO, base_env, free_port
+
+    procs = []
+    for k in range(2):
+        env = base_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())})
+        procs.append(subprocess.Popen([sys.executable, "tests/workers/nan_worker.py", str(tmp_path), "skip",
+                                       lighthouse2.address, str(k)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "non-finite loss" in outs[1] and "NaN/inf pseudo-gradient" in outs[1]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+
+    def finite(d):
+        return all(bool(torch.isfinite(t).all()) for t in d.values())
+
+    assert not finite(r1["snapshots"][5]) and finite(r0["snapshots"][5])
+    assert bool(torch.isfinite(r0["theta_g"]).all()) and torch.equal(r0["theta_g"], r1["theta_g"])
+    assert all(torch.equal(r0["snapshots"][7][n], r1["snapshots"][7][n]) for n in r0["snapshots"][7])
