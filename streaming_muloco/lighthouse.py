@@ -4,8 +4,8 @@
 
 Replica jobs (`--replica-id k --lighthouse HOST:PORT`) heartbeat to it and ask it for a quorum
 at every outer sync; it drops a replica whose heartbeats stop for --heartbeat-timeout-ms and
-admits a new one at the next quorum (docs/design.md §6). It holds no training state: if it is
-restarted, the replicas' next quorum is formed by the new one.
+admits a new one at the next quorum (docs/design.md §6.1). It holds no training state, only
+membership; replicas that cannot reach it for a quorum stop after fault_tolerance.quorum_timeout_s.
 """
 from __future__ import annotations
 
