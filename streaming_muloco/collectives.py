@@ -89,7 +89,7 @@ class _TwoPhase(Handle):
 
     def _launch_second(self) -> None:
         x, chunk, k = self.x, self.x.chunk_numel(self.numel), self.x.comm.rank
-        mean_chunk = _mean_of_payloads(x.compressor, self.first.wait(), chunk, k, self.own_chunk)
+        mean_chunk = _mean_of_payloads(x.compressor, self.first.wait(), chunk, k, self.own_chunk, x.comm.mean_divisor())
         payload, self.own_mean = x.ef_second[self.p].step(mean_chunk, x.compressor)
         self.second = x.comm.all_gather(payload.to_flat_bytes())
 
@@ -131,11 +131,35 @@ class PseudoGradExchange:
         def ef() -> ErrorFeedback:
             return ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback, scale=scale)
 
+        self._new_ef = ef
         two = cfg.collective == "two_phase"
         # Two-phase: one EF per chunk, so each chunk is its own payload (EF is elementwise and
         # chunks are block-aligned, so this equals EF over the whole vector).
         self.ef = [[ef() for _ in range(self.K if two else 1)] for _ in range(num_fragments)]
         self.ef_second = [ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback) for _ in range(num_fragments)]
+
+    def resize(self, K: int) -> None:
+        """A new group size (a fault-tolerant quorum changed). Two-phase chunks follow K: each
+        fragment's first-phase residuals are re-cut along the new chunks at its next encode (EF
+        is elementwise, so the concatenated residual is the same vector); the second-phase
+        residual belonged to the chunk this rank reduced, no longer its own, so it restarts at 0."""
+        if K == self.K:
+            return
+        self.K = K
+        if self.cfg.collective == "two_phase":
+            for e in self.ef_second:
+                e.residual = None
+
+    def _recut(self, efs: list[ErrorFeedback], numel: int) -> list[ErrorFeedback]:
+        fresh = [self._new_ef() for _ in range(self.K)]
+        kept = [e.residual for e in efs]
+        if kept and all(r is not None for r in kept):
+            whole, chunk = torch.cat(kept)[:numel], self.chunk_numel(numel)
+            for j, e in enumerate(fresh):
+                e.residual = torch.zeros(chunk, dtype=whole.dtype, device=whole.device)
+                piece = whole[j * chunk:(j + 1) * chunk]
+                e.residual[:piece.numel()] = piece
+        return fresh
 
     def chunk_numel(self, numel: int) -> int:
         """Elements per two-phase chunk: ceil(numel/K), rounded up to the compressor's alignment."""
@@ -152,6 +176,8 @@ class PseudoGradExchange:
             payload, sent = efs[0].step(delta, self.compressor)
             return Encoded(wire=payload.to_flat_bytes(), numel=n, payload_bytes=payload.nbytes, own=[sent],
                            residuals=_residuals(efs))
+        if len(efs) != self.K:  # the quorum's size changed since this fragment's last round
+            efs = self.ef[fragment_id] = self._recut(efs, n)
         chunk = self.chunk_numel(n)
         wire, own, nbytes = [], [], 0
         for j in range(self.K):
@@ -179,12 +205,14 @@ class PseudoGradExchange:
         return Handle(lambda: _mean_of_payloads(c, work.wait(), numel, k, own, comm.mean_divisor()), work.test)
 
     def snapshot_ef(self, fragment_id: int) -> list[torch.Tensor | None]:
-        """Copies of a fragment's first-phase residuals, to put back if its sync is dropped
-        (fault tolerance: the dropped round's pseudo-gradient is sent again, whole, next round)."""
-        return [None if e.residual is None else e.residual.clone() for e in self.ef[fragment_id]]
+        """Copies of a fragment's residuals (first phase, then the second), to put back if its
+        sync is dropped (fault tolerance: the dropped round's pseudo-gradient is sent again, whole,
+        in the next round)."""
+        efs = self.ef[fragment_id] + [self.ef_second[fragment_id]]
+        return [None if e.residual is None else e.residual.clone() for e in efs]
 
     def restore_ef(self, fragment_id: int, snapshot: list[torch.Tensor | None]) -> None:
-        for e, saved in zip(self.ef[fragment_id], snapshot):
+        for e, saved in zip(self.ef[fragment_id] + [self.ef_second[fragment_id]], snapshot):
             e.residual = saved
 
     def reset_ef(self) -> None:

@@ -176,9 +176,6 @@ class StreamingMuLoCoConfig:
             raise ConfigError(f"{p}.comm.backend ('{self.comm.backend}') cannot change membership, which "
                               f"{q}.enabled needs: use \"torch\" (the replicas' collectives then run on torchft's "
                               f"reconfigurable process groups)")
-        if self.compression.method != "none" and self.compression.collective == "two_phase":
-            raise ConfigError(f"{p}.compression.collective ('two_phase') is not supported with {q}.enabled: its "
-                              f"chunks are tied to a fixed replica count; use \"single_phase\"")
 
     def topology(self, world_size: int) -> tuple[int, int]:
         """(K, D) for this world size, or a ConfigError that prints every factor.

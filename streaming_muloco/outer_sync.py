@@ -108,6 +108,7 @@ class OuterSync:
         if self.membership is not None:
             if not quorum_done:
                 self.membership.begin_sync(step)
+            self.exchange.resize(self.comm.size)
             frag.ef_snapshot = self.exchange.snapshot_ef(p)
         local = self.shard.gather(p)
         delta = pseudo_grad(frag.theta_g, local, out=local)  # the gathered copy becomes Δ

@@ -102,3 +102,26 @@ def test_a_dropped_sync_changes_nothing_and_its_delta_goes_into_the_next_round(c
     _sync(twins, 6)
     for s, t in zip(syncs, twins):
         assert torch.equal(s.fragments[0].theta_g, t.fragments[0].theta_g)
+
+
+def test_two_phase_residuals_are_recut_along_the_new_chunks_when_the_quorum_shrinks():
+    from types import SimpleNamespace
+
+    from streaming_muloco.collectives import PseudoGradExchange
+
+    cfg = parse_section({"num_replicas": 3, "compression": {"method": "linear", "bits": 4, "block_size": 32,
+                                                            "collective": "two_phase"}})
+    ex = PseudoGradExchange(cfg.compression, SimpleNamespace(size=3, rank=0), num_fragments=1)
+    n = 1000
+    chunk3 = ex.chunk_numel(n)
+    whole = torch.randn(3 * chunk3)
+    whole[n:] = 0  # the tail padding
+    for j, e in enumerate(ex.ef[0]):
+        e.residual = whole[j * chunk3:(j + 1) * chunk3].clone()
+    ex.ef_second[0].residual = torch.ones(chunk3)
+    ex.resize(2)
+    assert ex.ef_second[0].residual is None  # its chunk is no longer this rank's
+    recut = ex._recut(ex.ef[0], n)
+    chunk2 = ex.chunk_numel(n)
+    assert len(recut) == 2 and all(e.residual.numel() == chunk2 for e in recut)
+    assert torch.equal(torch.cat([e.residual for e in recut])[:n], whole[:n])

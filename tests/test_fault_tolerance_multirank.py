@@ -69,6 +69,21 @@ def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
             r.kill()
 
 
+def test_two_phase_compression_survives_a_kill(tmp_path, lighthouse2):
+    """The quorum shrinks from 3 to 2: two-phase chunks (and their EF residuals) follow it."""
+    two_phase = ["--set", "streaming_muloco.compression.method=\"linear\"", "--set", "streaming_muloco.compression.bits=4",
+                 "--set", "streaming_muloco.compression.collective=\"two_phase\""]
+    reps = [Replica(k, 1, tmp_path, lighthouse2.address, train_args(3, 120, 2, two_phase)) for k in range(3)]
+    try:
+        reps[2].wait_for_step(40)
+        reps[2].kill()
+        results = assert_survivors(reps[:2], kill_step=40)
+        assert results[0]["outer_state_bytes"]["error_feedback"] > 0
+    finally:
+        for r in reps:
+            r.kill()
+
+
 def test_one_dead_rank_ends_only_its_replica(tmp_path, lighthouse2):
     reps = [Replica(k, 2, tmp_path, lighthouse2.address, train_args(3, 120, 2)) for k in range(3)]
     try:
