@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--join-timeout-ms", type=int, default=10000,
                    help="how long a quorum waits for a heartbeating replica that has not asked to join yet")
     p.add_argument("--quorum-tick-ms", type=int, default=100, help="how often a pending quorum is re-checked")
+    p.add_argument("--verbose", action="store_true", help="torchft's INFO log: every quorum request and decision")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port ({args.port}) must be in [0, 65535]")
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> NoReturn:
     try:
         args = parse_args(argv)
+        import os
+
+        if not args.verbose:  # read by torchft's Rust logger when the module is first imported
+            os.environ.setdefault("RUST_LOG", "warn")
         from torchft._torchft import LighthouseServer
 
         try:

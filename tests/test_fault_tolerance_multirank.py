@@ -263,3 +263,27 @@ def test_nan_policy_keeps_working_across_replica_jobs(tmp_path, lighthouse2):
     assert not finite(r1["snapshots"][5]) and finite(r0["snapshots"][5])
     assert bool(torch.isfinite(r0["theta_g"]).all()) and torch.equal(r0["theta_g"], r1["theta_g"])
     assert all(torch.equal(r0["snapshots"][7][n], r1["snapshots"][7][n]) for n in r0["snapshots"][7])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-replicas", "0"], "error: --min-replicas (0) must be >= 1 (see --help)"),
+    ([], "error: the following arguments are required: --min-replicas (see --help)"),
+    (["--min-replicas", "1", "--port", "PORT_IN_USE"], "error: cannot listen on [::]:"),
+])
+def test_lighthouse_cli_errors_are_one_line(argv, message):
+    import socket
+    import subprocess
+    import sys
+
+    from multirank import REPO, base_env
+
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::", 0))
+        busy.listen()
+        argv = [a.replace("PORT_IN_USE", str(busy.getsockname()[1])) for a in argv]
+        p = subprocess.run([sys.executable, "-m", "streaming_muloco.lighthouse", *argv], cwd=REPO, env=base_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
