@@ -80,12 +80,15 @@ class Replica:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def current_step(self) -> int:
+        """The last step in its progress lines (0 before the first): a replica prints steps only once
+        it is in a quorum."""
+        return max((int(m) for m in re.findall(r"step\s+(\d+)/", self.output())), default=0)
+
     def wait_for_step(self, step: int, timeout: float = 240) -> None:
         deadline = time.time() + timeout
-        pattern = re.compile(r"step\s+(\d+)/")
         while time.time() < deadline:
-            seen = [int(m) for m in pattern.findall(self.output())]
-            if seen and max(seen) >= step:
+            if self.current_step() >= step:
                 return
             if all(p.poll() is not None for p in self.procs):
                 raise AssertionError(f"replica {self.k} ended before step {step}:\n{self.output()[-3000:]}")

@@ -54,6 +54,20 @@ def assert_survivors(reps: list[Replica], kill_step: int) -> list[dict]:
     return results
 
 
+def kill_once_all_joined(reps: list[Replica], victim: Replica, sig: int = signal.SIGKILL, rank: int | None = None,
+                         at_least: int = 40) -> int:
+    """Kill `victim` at a logged step >= `at_least` and >= 15 steps after every replica printed its
+    first step, so a quorum of all of them has synced before the kill even when one launcher starts
+    slowly (a late starter heals in and begins later). Returns that step."""
+    for r in reps:
+        r.wait_for_step(5)
+    step = max(at_least, -(-(victim.current_step() + 15) // 5) * 5)
+    assert step <= 80, f"the replicas joined too late for this test (kill would be at step {step})"
+    victim.wait_for_step(step)
+    victim.kill(sig, rank)
+    return step
+
+
 @pytest.mark.parametrize("D", [1, 2])
 def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
     # D=2: every replica under launch/mpirun_local.sh; D=1: replica 0 under launch/deepspeed_launch.sh
@@ -61,9 +75,8 @@ def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
     steps = 120
     reps = [Replica(k, D, tmp_path, lighthouse2.address, train_args(3, steps, 2), launchers[k]) for k in range(3)]
     try:
-        reps[2].wait_for_step(40)
-        reps[2].kill()
-        assert_survivors(reps[:2], kill_step=40)
+        killed_at = kill_once_all_joined(reps, reps[2])
+        assert_survivors(reps[:2], kill_step=killed_at)
     finally:
         for r in reps:
             r.kill()
@@ -75,9 +88,8 @@ def test_two_phase_compression_survives_a_kill(tmp_path, lighthouse2):
                  "--set", "streaming_muloco.compression.collective=\"two_phase\""]
     reps = [Replica(k, 1, tmp_path, lighthouse2.address, train_args(3, 120, 2, two_phase)) for k in range(3)]
     try:
-        reps[2].wait_for_step(40)
-        reps[2].kill()
-        results = assert_survivors(reps[:2], kill_step=40)
+        killed_at = kill_once_all_joined(reps, reps[2])
+        results = assert_survivors(reps[:2], kill_step=killed_at)
         assert results[0]["outer_state_bytes"]["error_feedback"] > 0
     finally:
         for r in reps:
@@ -87,11 +99,10 @@ def test_two_phase_compression_survives_a_kill(tmp_path, lighthouse2):
 def test_one_dead_rank_ends_only_its_replica(tmp_path, lighthouse2):
     reps = [Replica(k, 2, tmp_path, lighthouse2.address, train_args(3, 120, 2)) for k in range(3)]
     try:
-        reps[2].wait_for_step(40)
-        reps[2].kill(rank=1)
+        killed_at = kill_once_all_joined(reps, reps[2], rank=1)
         codes = reps[2].wait(timeout=120)  # its rank 0 ends on its own: the vote of its ranks fails
         assert codes[0] != 0, reps[2].output()[-3000:]
-        assert_survivors(reps[:2], kill_step=40)
+        assert_survivors(reps[:2], kill_step=killed_at)
     finally:
         for r in reps:
             r.kill()
@@ -100,9 +111,8 @@ def test_one_dead_rank_ends_only_its_replica(tmp_path, lighthouse2):
 def test_a_hung_replica_is_dropped_after_the_heartbeat_timeout(tmp_path, lighthouse2):
     reps = [Replica(k, 1, tmp_path, lighthouse2.address, train_args(3, 120, 2)) for k in range(3)]
     try:
-        reps[2].wait_for_step(40)
-        reps[2].kill(signal.SIGSTOP)
-        assert_survivors(reps[:2], kill_step=40)
+        killed_at = kill_once_all_joined(reps, reps[2], signal.SIGSTOP)
+        assert_survivors(reps[:2], kill_step=killed_at)
     finally:
         for r in reps:
             r.kill()
