@@ -36,6 +36,17 @@ from .errors import ConfigError, PeerFailureError
 log = logging.getLogger("streaming_muloco")
 
 STARTUP, SYNC = 0, 1  # the phase field of a sync's metadata
+_COMMITS = (1 << 32) - 1  # low bits of torchft's step: this replica's committed syncs
+
+
+def torchft_step(position: int, commits: int) -> int:
+    """torchft heals every replica whose step is below the quorum's highest. Its own counter
+    counts commits only, which misses a replica that a quorum left out (a straggler past the
+    Lighthouse's join timeout, a replica that hung and came back): that one requests a quorum
+    for an older sync than its peers and, if their round there was dropped, has the same count.
+    So the step is (inner step of the sync, commits), compared in that order: a replica behind in
+    position or, at the same position, in commits, is healed (docs/design.md §6.1)."""
+    return (position << 32) | (commits & _COMMITS)
 
 
 def lighthouse_url(address: str) -> str:
@@ -134,6 +145,10 @@ class FaultTolerance:
         """Quorum (healing this replica if it is behind), then the sync's metadata exchange."""
         t0 = time.perf_counter()
         self.healed = False
+        commits = self.manager.current_step() & _COMMITS
+        # start-up ranks below every running replica, so a starting job always heals into them
+        self.manager.load_state_dict({"step": torchft_step(step if phase == SYNC else 0, commits),
+                                      "batches_committed": self.manager.batches_committed()})
         try:
             self.manager.start_quorum()
         except ConfigError:

@@ -85,12 +85,33 @@ class OuterSync:
         self.outer_steps = 0
 
     def after_inner_step(self, step: int) -> None:
-        """Call once per optimizer step with the count of completed inner steps."""
-        events = self.schedule.events(step)
+        """Call once per optimizer step with the count of completed inner steps. In a fault-
+        tolerant run a replica that was behind is healed at a start's quorum and continues at its
+        peers' step (its engine's `inner_steps` moves there)."""
+        self._run(self.schedule.events(step), step)
+
+    def _run(self, events: list[SyncEvent], step: int, quorum_done: bool = False) -> None:
         for event in events:
-            self.handle(event, step)
+            if event.kind == "finish":
+                self.finish(event.fragment_id, step)
+                continue
+            healed_at = self.start(event.fragment_id, step, quorum_done)
+            if healed_at is not None:
+                self.rejoin(healed_at)
+                return
+            quorum_done = False
         if any(e.kind == "finish" for e in events):
             self.shard.refresh_module_params()
+
+    def rejoin(self, step: int) -> None:
+        """After a heal at the quorum of a sync start: this replica now holds a peer's theta_g,
+        momentum and schedule position `step`. It takes part in the rest of that step's events as
+        the peers do (the quorum is done; it sends zeros that are not counted)."""
+        assert all(f.in_flight is None for f in self.fragments), "tau < H/P: nothing is in flight at a start"
+        events = self.schedule.events(step)
+        first = next(i for i, e in enumerate(events) if e.kind == "start")
+        self._run(events[first:], step, quorum_done=True)
+        self.shard.refresh_module_params()
 
     def handle(self, event: SyncEvent, step: int) -> None:
         """One event; public so the simulator can run each event for all K replicas in lockstep."""
@@ -102,12 +123,16 @@ class OuterSync:
             if frag.in_flight is not None:
                 frag.in_flight.poke()
 
-    def start(self, p: int, step: int, quorum_done: bool = False) -> None:
+    def start(self, p: int, step: int, quorum_done: bool = False) -> int | None:
+        """Launch fragment p's round; returns the peers' step instead if this replica was healed
+        at the quorum (its round here is void: `rejoin` runs theirs)."""
         frag, t0 = self.fragments[p], time.perf_counter()
         frag.started = t0
         if self.membership is not None:
             if not quorum_done:
                 self.membership.begin_sync(step)
+                if self.membership.healed:
+                    return self.membership.healed_step
             self.exchange.resize(self.comm.size)
             frag.ef_snapshot = self.exchange.snapshot_ef(p)
         local = self.shard.gather(p)
@@ -118,6 +143,7 @@ class OuterSync:
         self.observer.encoded(p, delta, enc.own, enc.residuals, enc.payload_bytes)
         frag.in_flight, frag.own = self.exchange.send(p, enc), enc.own
         self.observer.launched(p, time.perf_counter() - t0)
+        return None
 
     def finish(self, p: int, step: int) -> None:
         frag, t0 = self.fragments[p], time.perf_counter()

@@ -61,13 +61,6 @@ def join_replicas(engine: Any, step: int) -> int:
                                    f"({ft.manager.errored()}); start this job again", every_rank=True)
         return step
     t = engine.inner_steps
-    events = engine.outer.schedule.events(t)
-    first = next(i for i, e in enumerate(events) if e.kind == "start")
     engine.phase = f"outer sync after inner step {t} (joining)"
-    for i, event in enumerate(events[first:]):
-        if event.kind == "start":
-            engine.outer.start(event.fragment_id, t, quorum_done=i == 0)
-        else:
-            engine.outer.finish(event.fragment_id, t)
-    engine.outer.shard.refresh_module_params()
+    engine.outer.rejoin(t)
     return t

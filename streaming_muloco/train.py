@@ -244,7 +244,8 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
     warm_until = first + min(5, max(0, (args.steps - first) // 5))
     t_warm = None
     loss_acc, loss_n = 0.0, 0
-    for step in range(first, args.steps + 1):
+    step, ran, ran_at_warm = first, 0, 0
+    while step <= args.steps:
         for micro_step in range(accum):
             x, y = get_batch(splits.train, micro, block, args.seed, stream, (step - 1) * accum + micro_step, device)
             loss = engine(x, y)
@@ -252,8 +253,11 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
             engine.step()
             loss_acc += loss.item()
             loss_n += 1
-        if step == warm_until:
-            t_warm = time.perf_counter()
+        ran += 1
+        if engine.inner_steps > step:  # healed at a sync (it had fallen behind): now at its peers' step
+            step = engine.inner_steps
+        if t_warm is None and step >= warm_until:
+            t_warm, ran_at_warm = time.perf_counter(), ran
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
             train_loss = loss_acc / loss_n
@@ -278,14 +282,15 @@ def run(args: argparse.Namespace, engine_ref: list[Any] | None = None) -> dict[s
                       flush=True)
         if not args.no_save and args.save_every and step % args.save_every == 0 and step != args.steps:
             save(engine, args.out_dir, step, args.keep_last)
+        step += 1
     if not args.no_save and first <= args.steps:
         save(engine, args.out_dir, args.steps, args.keep_last)
     elapsed = time.perf_counter() - t_start
     result = {"final_eval_loss": history["eval_loss"][-1][1], "steps": args.steps, "seconds": elapsed,
               "tokens": args.steps * tokens_per_step, "history": history,
-              "tokens_per_s": (args.steps - first + 1) * tokens_per_step / elapsed,
-              "steady_tokens_per_s": ((args.steps - warm_until) * tokens_per_step /
-                                      (time.perf_counter() - t_warm)) if t_warm and args.steps > warm_until else None,
+              "tokens_per_s": ran * tokens_per_step / elapsed, "steps_run": ran,
+              "steady_tokens_per_s": ((ran - ran_at_warm) * tokens_per_step /
+                                      (time.perf_counter() - t_warm)) if t_warm and ran > ran_at_warm else None,
               "peak_rss_mb": peak_rss_mb(), "num_params": model.num_params(),
               "outer_steps": engine.outer.outer_steps if engine.outer else 0}
     if engine.outer is not None:

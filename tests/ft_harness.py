@@ -47,8 +47,8 @@ def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 class Replica:
-    """One replica job: D processes, or one `launch/mpirun_local.sh` / `launch/deepspeed_launch.sh`
-    job (launcher "mpirun" / "deepspeed"); output in out/replica{k}.log."""
+    """One replica job: D processes, or one `launch/mpirun_local.sh` / `launch/deepspeed_launch.sh` /
+    torchrun job (launcher "mpirun" / "deepspeed" / "torchrun"); output in out/replica{k}.log."""
 
     def __init__(self, k: int, D: int, out: Path, lighthouse: str, args: list[str], launcher: str = "env") -> None:
         self.k, self.out = k, out
@@ -64,6 +64,12 @@ class Replica:
             self.procs = [subprocess.Popen(["bash", "launch/deepspeed_launch.sh", str(hostfile), CONFIG, *flags],
                                            cwd=REPO, env=base_env({"MASTER_PORT": str(port)}), stdout=fh,
                                            stderr=subprocess.STDOUT, start_new_session=True)]
+        elif launcher == "torchrun":
+            self.procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                                            "--nproc-per-node", str(D), "--master-addr", "127.0.0.1",
+                                            "--master-port", str(port), "-m", "streaming_muloco.train", *train],
+                                           cwd=REPO, env=base_env({}), stdout=fh, stderr=subprocess.STDOUT,
+                                           start_new_session=True)]
         elif launcher == "mpirun":
             self.procs = [subprocess.Popen(["bash", "launch/mpirun_local.sh", str(D), CONFIG, *flags], cwd=REPO,
                                            env=base_env({"MASTER_PORT": str(port)}), stdout=fh,

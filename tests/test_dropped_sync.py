@@ -24,6 +24,7 @@ class Vote:
 
     def __init__(self) -> None:
         self.ok = True
+        self.healed = False  # the heal path runs in tests/test_fault_tolerance_multirank.py
         self.begun: list[int] = []
 
     def begin_sync(self, step: int) -> None:

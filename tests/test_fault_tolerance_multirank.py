@@ -70,8 +70,9 @@ def kill_once_all_joined(reps: list[Replica], victim: Replica, sig: int = signal
 
 @pytest.mark.parametrize("D", [1, 2])
 def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
-    # D=2: every replica under launch/mpirun_local.sh; D=1: replica 0 under launch/deepspeed_launch.sh
-    launchers = ["mpirun"] * 3 if D == 2 else ["deepspeed", "env", "env"]
+    # D=2: every replica under launch/mpirun_local.sh; D=1: replica 0 under launch/deepspeed_launch.sh,
+    # replica 1 under torchrun, replica 2 as plain processes with the rendezvous variables set
+    launchers = ["mpirun"] * 3 if D == 2 else ["deepspeed", "torchrun", "env"]
     steps = 120
     reps = [Replica(k, D, tmp_path, lighthouse2.address, train_args(3, steps, 2), launchers[k]) for k in range(3)]
     try:
@@ -124,8 +125,8 @@ def _joins_and_matches(tmp_path: Path, reps: list[Replica], joiner: Replica, ste
     res = [r.result() for r in reps + [joiner]]
     assert len({r["theta_g_sha256"] for r in res}) == 1, [r["theta_g_sha256"] for r in res]
     j = res[-1]
-    assert j["heals"] and j["heals"][0]["step"] >= joined_after, j["heals"]
-    healed_at = j["heals"][0]["step"]
+    assert j["heals"] and j["heals"][-1]["step"] >= joined_after, j["heals"]
+    healed_at = j["heals"][-1]["step"]
     assert res[0]["joins"] >= 1
     theirs, mine = traces(tmp_path, 0), traces(tmp_path, joiner.k)
     after = syncs_after(healed_at, sorted(theirs))
@@ -146,6 +147,26 @@ def test_a_restarted_replica_rejoins_bit_identical(tmp_path, lighthouse2):
         _joins_and_matches(tmp_path, reps[:2], again, steps, joined_after=60)
     finally:
         for r in reps:
+            r.kill()
+
+
+def test_a_replica_that_hung_and_came_back_is_healed_and_matches(tmp_path, lighthouse2):
+    """SIGSTOP past the heartbeat timeout, then SIGCONT: the others went on without it, so it asks
+    for a quorum of a sync they have passed; it is healed there (its step is behind theirs), jumps
+    to their step and then equals them bit for bit."""
+    steps = 400
+    args = lambda k: train_args(3, steps, 2, ["--trace-syncs", str(tmp_path / f"trace{k}")])  # noqa: E731
+    reps = [Replica(k, 1, tmp_path, lighthouse2.address, args(k)) for k in range(3)]
+    try:
+        stopped_at = kill_once_all_joined(reps, reps[2], signal.SIGSTOP)
+        reps[0].wait_for_step(stopped_at + 40)  # dropped (heartbeat timeout), the others went on
+        reps[2].kill(signal.SIGCONT)
+        _joins_and_matches(tmp_path, reps[:2], reps[2], steps, joined_after=stopped_at + 40)
+        res = reps[2].result()
+        assert res["steps_run"] < steps - 30, res["steps_run"]  # it jumped ahead instead of catching up
+    finally:
+        for r in reps:
+            r.kill(signal.SIGCONT)
             r.kill()
 
 
