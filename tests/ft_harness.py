@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from multirank import REPO, base_env, free_port
 
@@ -92,14 +93,21 @@ class Replica:
         return max((int(m) for m in re.findall(r"step\s+(\d+)/", self.output())), default=0)
 
     def wait_for_step(self, step: int, timeout: float = 240) -> None:
+        self._wait_until(lambda: self.current_step() >= step, f"step {step}", timeout)
+
+    def wait_for_startup(self, timeout: float = 240) -> None:
+        """Until its start-up line (printed right before it asks for its first quorum)."""
+        self._wait_until(lambda: "params |" in self.output(), "its start-up line", timeout)
+
+    def _wait_until(self, done: Callable[[], bool], what: str, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.current_step() >= step:
+            if done():
                 return
             if all(p.poll() is not None for p in self.procs):
-                raise AssertionError(f"replica {self.k} ended before step {step}:\n{self.output()[-3000:]}")
+                raise AssertionError(f"replica {self.k} ended before {what}:\n{self.output()[-3000:]}")
             time.sleep(0.2)
-        raise AssertionError(f"replica {self.k} did not reach step {step} in {timeout} s:\n{self.output()[-3000:]}")
+        raise AssertionError(f"replica {self.k} did not reach {what} in {timeout} s:\n{self.output()[-3000:]}")
 
     def wait(self, timeout: float = 300) -> list[int]:
         deadline = time.time() + timeout
@@ -118,6 +126,22 @@ class Replica:
 
     def result(self) -> dict:
         return json.loads((self.out / f"replica{self.k}" / "result.json").read_text())
+
+
+def start_first_then_others(make: Callable[[int], Replica], n: int) -> list[Replica]:
+    """Replica job 0 (give it the slowest launcher), then, once it printed its start-up line, jobs
+    1..n-1 together: a slow launcher cannot start after the others finished a short run. If one
+    fails to start, the ones already running are killed."""
+    reps: list[Replica] = []
+    try:
+        reps.append(make(0))
+        reps[0].wait_for_startup()
+        reps += [make(k) for k in range(1, n)]
+    except BaseException:
+        for r in reps:
+            r.kill()
+        raise
+    return reps
 
 
 def train_args(num_replicas: int, steps: int, min_replicas: int, extra: list[str] = ()) -> list[str]:
