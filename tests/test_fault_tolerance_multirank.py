@@ -68,57 +68,46 @@ def kill_once_all_joined(reps: list[Replica], victim: Replica, sig: int = signal
     return step
 
 
+def survive_a_failure(tmp_path: Path, lighthouse: str, D: int = 1, extra: list[str] = (),
+                      launchers: list[str] = ("env",) * 3, sig: int = signal.SIGKILL,
+                      rank: int | None = None) -> list[dict]:
+    """Three replica jobs of 300 steps; replica 2 (or one of its ranks) gets `sig` mid-run; replicas
+    0 and 1 must finish as `assert_survivors` says. Returns their results."""
+    args = train_args(3, 300, 2, extra)
+    reps = start_first_then_others(lambda k: Replica(k, D, tmp_path, lighthouse, args, launchers[k]), 3)
+    try:
+        killed_at = kill_once_all_joined(reps, reps[2], sig, rank)
+        if rank is not None:
+            codes = reps[2].wait(timeout=120)  # its rank 0 ends on its own: the vote of its ranks fails
+            assert codes[0] != 0, reps[2].output()[-3000:]
+        return assert_survivors(reps[:2], kill_step=killed_at)
+    finally:
+        for r in reps:
+            r.kill()
+
+
 @pytest.mark.parametrize("D", [1, 2])
 def test_kill_a_replica_and_the_others_finish(tmp_path, lighthouse2, D):
     # D=2: every replica under launch/mpirun_local.sh; D=1: replica 0 under launch/deepspeed_launch.sh,
     # replica 1 under torchrun, replica 2 as plain processes with the rendezvous variables set
-    launchers = ["mpirun"] * 3 if D == 2 else ["deepspeed", "torchrun", "env"]
-    steps = 300
-    reps = start_first_then_others(lambda k: Replica(k, D, tmp_path, lighthouse2.address, train_args(3, steps, 2),
-                                            launchers[k]), 3)
-    try:
-        killed_at = kill_once_all_joined(reps, reps[2])
-        assert_survivors(reps[:2], kill_step=killed_at)
-    finally:
-        for r in reps:
-            r.kill()
+    survive_a_failure(tmp_path, lighthouse2.address, D,
+                      launchers=["mpirun"] * 3 if D == 2 else ["deepspeed", "torchrun", "env"])
 
 
 def test_two_phase_compression_survives_a_kill(tmp_path, lighthouse2):
     """The quorum shrinks from 3 to 2: two-phase chunks (and their EF residuals) follow it."""
     two_phase = ["--set", "streaming_muloco.compression.method=\"linear\"", "--set", "streaming_muloco.compression.bits=4",
                  "--set", "streaming_muloco.compression.collective=\"two_phase\""]
-    args = train_args(3, 300, 2, two_phase)
-    reps = start_first_then_others(lambda k: Replica(k, 1, tmp_path, lighthouse2.address, args), 3)
-    try:
-        killed_at = kill_once_all_joined(reps, reps[2])
-        results = assert_survivors(reps[:2], kill_step=killed_at)
-        assert results[0]["outer_state_bytes"]["error_feedback"] > 0
-    finally:
-        for r in reps:
-            r.kill()
+    results = survive_a_failure(tmp_path, lighthouse2.address, extra=two_phase)
+    assert results[0]["outer_state_bytes"]["error_feedback"] > 0
 
 
 def test_one_dead_rank_ends_only_its_replica(tmp_path, lighthouse2):
-    reps = start_first_then_others(lambda k: Replica(k, 2, tmp_path, lighthouse2.address, train_args(3, 300, 2)), 3)
-    try:
-        killed_at = kill_once_all_joined(reps, reps[2], rank=1)
-        codes = reps[2].wait(timeout=120)  # its rank 0 ends on its own: the vote of its ranks fails
-        assert codes[0] != 0, reps[2].output()[-3000:]
-        assert_survivors(reps[:2], kill_step=killed_at)
-    finally:
-        for r in reps:
-            r.kill()
+    survive_a_failure(tmp_path, lighthouse2.address, D=2, rank=1)
 
 
 def test_a_hung_replica_is_dropped_after_the_heartbeat_timeout(tmp_path, lighthouse2):
-    reps = start_first_then_others(lambda k: Replica(k, 1, tmp_path, lighthouse2.address, train_args(3, 300, 2)), 3)
-    try:
-        killed_at = kill_once_all_joined(reps, reps[2], signal.SIGSTOP)
-        assert_survivors(reps[:2], kill_step=killed_at)
-    finally:
-        for r in reps:
-            r.kill()
+    survive_a_failure(tmp_path, lighthouse2.address, sig=signal.SIGSTOP)
 
 
 def _joins_and_matches(tmp_path: Path, reps: list[Replica], joiner: Replica, steps: int, joined_after: int) -> None:
