@@ -51,6 +51,12 @@ sys.path.insert(0, str(REPO / "tests"))
 from ft_harness import CONFIG, Lighthouse, Replica  # noqa: E402
 
 K = 3
+# The lighthouse's default. A failure is detected by the heartbeat timeout (1.5 s here), not by
+# this; this is how long a quorum waits for a live replica that is late. A shorter one (the
+# tests' 1 s) leaves out replicas that are merely slow on these 2 shared cores, which then heal
+# forward and skip steps; for the 28.5M model a heal takes longer than 1 s, so the healed
+# replica is late again at the next sync (measured: healed at every sync of that run).
+JOIN_TIMEOUT_MS = 10_000
 BIG = ["--n-layer", "16", "--n-embd", "384", "--n-head", "6", "--block-size", "64",
        "--set", "train_micro_batch_size_per_gpu=4"]
 STEP_RE = re.compile(r"^step\s+(\d+)/\d+ \| loss")
@@ -182,7 +188,7 @@ def sync_delay() -> int:
 # ---- 1 + 2: goodput and recovery --------------------------------------------------------------
 def failure_run(work: Path, name: str, steps: int, kill_at: int | None, windows: tuple) -> dict:
     out = work / name
-    lh = Lighthouse(min_replicas=2)
+    lh = Lighthouse(min_replicas=2, join_ms=JOIN_TIMEOUT_MS)
     _live.append(lh)
     args = lambda k: train_args(steps, 10, out / f"trace{k}", 5, [])  # noqa: E731
     jobs = [Job(k, out, lh.address, args(k)) for k in range(K)]
@@ -246,7 +252,7 @@ def failure_run(work: Path, name: str, steps: int, kill_at: int | None, windows:
 def join_run(work: Path, name: str, steps: int, sync_every: int, join_at: int, log_every: int,
              model: list[str], timeout: float) -> dict:
     out = work / name
-    lh = Lighthouse(min_replicas=2)
+    lh = Lighthouse(min_replicas=2, join_ms=JOIN_TIMEOUT_MS)
     _live.append(lh)
     args = lambda k: train_args(steps, sync_every, out / f"trace{k}", log_every, model)  # noqa: E731
     jobs = [Job(k, out, lh.address, args(k)) for k in range(2)]
@@ -423,7 +429,7 @@ def main() -> int:
             "library_files_modified_vs_commit": dirty[1::2], "machine": machine(),
             "command": " ".join(["python"] + sys.argv), "steps": steps, "K": K, "D": 1,
             "sync_every": 10, "sync_delay": sync_delay(), "windows": windows,
-            "lighthouse": {"min_replicas": 2, "heartbeat_timeout_ms": 1500, "join_timeout_ms": 1000},
+            "lighthouse": {"min_replicas": 2, "heartbeat_timeout_ms": 1500, "join_timeout_ms": JOIN_TIMEOUT_MS},
             "fault_tolerance": {"timeout_s": 10, "min_replicas": 2, "quorum_timeout_s": 120}}
     print(json.dumps(meta), flush=True)
     for sig in (signal.SIGTERM, signal.SIGHUP):
