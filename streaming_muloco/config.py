@@ -14,6 +14,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +96,18 @@ class InnerConfig:
     # "deepspeed": DeepSpeed Muon's own scale sqrt(max(1, rows/cols)).
     # "moonlight": 0.2*sqrt(max(rows, cols)), which matches AdamW's update RMS (Moonlight).
     muon_update_scale: Literal["deepspeed", "moonlight"] = "deepspeed"
+    # Regexes (re.search on parameter names) of parameters that get AdamW whatever their shape;
+    # the default split by module is in param_roles.py (docs/design.md §2).
+    adamw_params: tuple[str, ...] = ()
 
     def validate(self, prefix: str) -> None:
-        pass
+        for i, pat in enumerate(self.adamw_params):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"{prefix}.adamw_params[{i}] ({pat!r}) is not a valid regular expression: {e}; "
+                                  f"write a Python regex matched with re.search against parameter names, "
+                                  f"e.g. \"lm_head\\\\.weight$\"") from None
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if not math.isfinite(value):
             raise non_finite_error(key, value)
         return float(value)
+    if origin is tuple:  # tuple[X, ...]: a JSON list (frozen dataclasses hold tuples)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
     raise TypeError(f"unsupported config field type {tp} at {key}")  # a bug in this module, not user error
@@ -270,6 +285,10 @@ def split_config(ds_config: dict) -> tuple[dict, StreamingMuLoCoConfig]:
         raise ConfigError(f"zero_optimization.stage ({stage}) must be 1 or 2 with the {SECTION} outer loop: it "
                           f"works on ZeRO's partitioned fp32 master weights; set \"zero_optimization\": "
                           f"{{\"stage\": 1}}")
+    opt_type = str((ds.get("optimizer") or {}).get("type", ""))
+    if cfg.inner.adamw_params and opt_type.lower() != "muon":
+        raise ConfigError(f"{SECTION}.inner.adamw_params chooses which parameters Muon leaves to AdamW, but "
+                          f"optimizer.type is '{opt_type or '(none)'}', not 'Muon'; remove the key or use Muon")
     return ds, cfg
 
 

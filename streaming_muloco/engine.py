@@ -27,6 +27,7 @@ log = logging.getLogger("streaming_muloco")
 
 from .config import ConfigError, StreamingMuLoCoConfig, read_json, resolve, world_size_from_env
 from .inner import install_update_scale, muon_param_names, uses_muon
+from . import param_roles
 from .metrics import MetricsLogger
 from .topology import Topology
 
@@ -79,6 +80,16 @@ def plan_fragments(model: torch.nn.Module, cfg: StreamingMuLoCoConfig) -> list[l
             raise ConfigError(f"{SECTION}.{e}") from None
         raise ConfigError(f"cannot split the model into {SECTION}.num_fragments ({cfg.num_fragments}) "
                           f"fragments: {e}") from None
+
+
+def plan_roles(model: torch.nn.Module, cfg: StreamingMuLoCoConfig) -> param_roles.RoleSplit:
+    """Muon or AdamW for each parameter (param_roles.py), or a ConfigError naming the key."""
+    from .config import SECTION
+
+    try:
+        return param_roles.split_roles(model, cfg.inner.adamw_params)
+    except ValueError as e:
+        raise ConfigError(f"{SECTION}.inner.{e}") from None
 
 
 def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: StreamingMuLoCoConfig,
@@ -398,6 +409,7 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     """
     ds_config, cfg, K, D = resolve_config(config)
     fragments = plan_fragments(model, cfg) if cfg.enabled else None
+    roles = plan_roles(model, cfg) if uses_muon(ds_config) else None
     import deepspeed
 
     init_distributed(cfg.comm.timeout_s)
@@ -413,11 +425,17 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
-    if uses_muon(ds_config):
+    tagging = contextlib.nullcontext()
+    if roles is not None:
         install_update_scale(cfg.inner.muon_update_scale)
-    engine, optimizer, loader, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
-        config=ds_config, mpu=topo.mpu(), **ds_kwargs)
+        tagging = param_roles.deepspeed_tags_from(roles)
+        if dist.get_rank() == 0:
+            print("[streaming_muloco] inner optimizer roles by module (streaming_muloco.inner.adamw_params "
+                  "overrides):\n  " + roles.summary().replace("\n", "\n  "), flush=True)
+    with tagging:
+        engine, optimizer, loader, scheduler = deepspeed.initialize(
+            model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
+            config=ds_config, mpu=topo.mpu(), **ds_kwargs)
     wrapped = StreamingMuLoCoEngine(engine, cfg, topo, metrics or MetricsLogger(), fragments)
     wrapped.metrics.text("config/streaming_muloco", json.dumps(dataclasses.asdict(cfg)))
     return wrapped, optimizer, loader, scheduler

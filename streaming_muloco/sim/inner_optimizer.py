@@ -4,7 +4,8 @@ in one process: the simulator's inner loop (tests/test_simulator.py pins it to D
 - "Adam"/"AdamW": torch's AdamW (the configs set "torch_adam": true; without it DeepSpeed uses
   a fused kernel with the same math);
 - "Muon": DeepSpeed's own `MuonWithAuxAdam` (its `muon_update`, its param groups, torch AdamW
-  for the auxiliary parameters), with DeepSpeed's rule for which parameters get Muon;
+  for the auxiliary parameters), with the split by module that `streaming_muloco.initialize`
+  hands DeepSpeed (param_roles.py);
 - DeepSpeed ZeRO's gradient clipping rule and DeepSpeed's (or torch's) LR scheduler classes.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import param_roles
 from ..errors import ConfigError
 from ..model import GPT
 
@@ -20,12 +22,12 @@ from ..model import GPT
 class InnerOptimizer:
     """The optimizer, scheduler and clipping DeepSpeed would build from the same JSON."""
 
-    def __init__(self, model: GPT, ds_config: dict) -> None:
+    def __init__(self, model: GPT, ds_config: dict, adamw_params: tuple[str, ...] = ()) -> None:
         from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
-        self.optimizer = _build_optimizer(model, ds_config.get("optimizer") or {})
+        self.optimizer = _build_optimizer(model, ds_config.get("optimizer") or {}, adamw_params)
         self.scheduler = _build_scheduler(self.optimizer, ds_config.get("scheduler"))
 
     def step(self) -> None:
@@ -46,7 +48,7 @@ class InnerOptimizer:
             g.mul_(1.0 / scale)
 
 
-def _build_optimizer(model: GPT, opt: dict) -> torch.optim.Optimizer:
+def _build_optimizer(model: GPT, opt: dict, adamw_params: tuple[str, ...]) -> torch.optim.Optimizer:
     """DeepSpeed's `_configure_basic_optimizer` for the optimizer types the simulator supports.
 
     Without "torch_adam": true DeepSpeed would use a fused Adam kernel with the same math; the
@@ -69,8 +71,7 @@ def _build_optimizer(model: GPT, opt: dict) -> torch.optim.Optimizer:
         if params.get("per_head_muon"):
             raise ConfigError("optimizer.params.per_head_muon is not supported by the simulator; remove it")
         adam_w_mode = params.pop("adam_w_mode", True)
-        for name, p in model.named_parameters():  # deepspeed.set_optimizer_flags's rule
-            p.use_muon = p.ndim >= 2 and not any(k in name.lower() for k in ("embed", "lm_head"))
+        param_roles.tag(model, param_roles.split_roles(model, adamw_params))
         groups = DeepSpeedEngine._muon_param_groups(list(model.parameters()), params)
         return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW if adam_w_mode else torch.optim.Adam,
                                adam_optimizer_kwargs={"foreach": foreach}, adam_w_mode=adam_w_mode)

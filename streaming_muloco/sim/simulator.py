@@ -75,7 +75,7 @@ class _Run:
 
     def __init__(self, ds: dict, cfg: Any, base: GPT, K: int, threads: bool) -> None:
         self.models = [copy.deepcopy(base) for _ in range(K)]
-        self.inner = [InnerOptimizer(m, ds) for m in self.models]
+        self.inner = [InnerOptimizer(m, ds, cfg.inner.adamw_params) for m in self.models]
         self.outer: list[OuterSync] = []
         self.pool = ThreadPoolExecutor(max_workers=K) if threads and K > 1 else None
         if cfg.enabled:
