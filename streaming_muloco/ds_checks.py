@@ -269,10 +269,16 @@ def check_deepspeed_keys(ds_config: dict) -> None:
     opt = ds_config.get("optimizer") or {}
     if str(opt.get("type", "")).lower() == "muon":
         clip = ds_config.get("gradient_clipping", 1.0)
-        if clip not in (0, 0.0):
-            raise ConfigError(f"gradient_clipping ({clip}) must be 0 with the Muon optimizer: DeepSpeed ZeRO divides "
-                              f"every Muon update by its own norm when clipping is on (DeepSpeed issue #8439), "
-                              f"which shrinks steps ~6x; set \"gradient_clipping\": 0")
+        if clip not in (0, 0.0) and stage not in (1, 2):
+            raise ConfigError(f"gradient_clipping ({clip}) with the Muon optimizer needs zero_optimization.stage 1 or "
+                              f"2 (got {stage}): streaming_muloco clips the raw gradient before Muon there; set "
+                              f"\"zero_optimization\": {{\"stage\": 1}}, or \"gradient_clipping\": 0")
+        offload = zero.get("offload_optimizer")
+        if clip not in (0, 0.0) and isinstance(offload, dict) and offload.get("device", "none") not in ("none", None):
+            raise ConfigError(f"gradient_clipping ({clip}) with the Muon optimizer cannot be combined with "
+                              f"zero_optimization.offload_optimizer: DeepSpeed then applies Muon inside step(), "
+                              f"after its clipping of the orthogonalised update; set \"gradient_clipping\": 0 or "
+                              f"remove offload_optimizer")
         if stage == 3:
             raise ConfigError("zero_optimization.stage (3) is not supported with the Muon optimizer: streaming_muloco "
                               "handles Muon (its update scale, the outer loop on its shards) under ZeRO stages 0-2 "

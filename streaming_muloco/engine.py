@@ -380,6 +380,9 @@ class StreamingMuLoCoEngine:
         self.engine.step()
         if boundary:
             self.inner_steps += 1
+            clipper = getattr(self.engine, "muon_grad_clipper", None)
+            if clipper is not None and clipper.last_norm is not None:  # grad_clip.py: norm before clipping
+                self.metrics.scalar("train/grad_norm_raw", float(clipper.last_norm), self.inner_steps)
             if self.outer is not None:
                 peers = ("torchft quorum" if self.topo.fault_tolerant
                          else f"ranks {self.topo.outer_ranks(self.topo.shard_id)}")
@@ -425,6 +428,13 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
+    # Muon: DeepSpeed would clip the orthogonalised update, so it gets 0 and grad_clip.py clips
+    # the raw gradient before Muon instead (the config check allows this for ZeRO 1/2 only).
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    clip = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT)) if roles is not None else 0.0
+    if clip > 0:
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     tagging = contextlib.nullcontext()
     if roles is not None:
         install_update_scale(cfg.inner.muon_update_scale)
@@ -436,6 +446,10 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
         engine, optimizer, loader, scheduler = deepspeed.initialize(
             model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
             config=ds_config, mpu=topo.mpu(), **ds_kwargs)
+    if clip > 0:
+        from .grad_clip import MuonGradClipper
+
+        engine.muon_grad_clipper = MuonGradClipper(engine.optimizer, clip)
     wrapped = StreamingMuLoCoEngine(engine, cfg, topo, metrics or MetricsLogger(), fragments)
     wrapped.metrics.text("config/streaming_muloco", json.dumps(dataclasses.asdict(cfg)))
     return wrapped, optimizer, loader, scheduler

@@ -7,6 +7,7 @@ and MuLoCo with 2-bit two-phase error-feedback compression, each run both ways o
 tiny model and data. Parameters, losses, outer-step counts and bytes on the
 wire must agree.
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from multirank import run_ranks
 from streaming_muloco.sim.inprocess import InProcessBackend, InProcessGroup
 from streaming_muloco.sim import simulate
 from workers.sim_agreement_worker import BLOCK, splits
+from workers.ns_precision import newton_schulz_fp32
 
 pytestmark = pytest.mark.multirank
 
@@ -45,6 +47,12 @@ SCENARIOS = {
     "diloco_clip_accum": ds_config(ADAMW, 2, 0.05, {"num_replicas": 2, "sync_every": H, "outer_lr": 0.8,
                                                     "outer_momentum": 0.8}, accum=2),
     "dp_adamw": ds_config(ADAMW, 1, 0.05, None),
+    # Muon with clipping: DeepSpeed with grad_clip.py's hook against the simulator, which clips the
+    # raw gradient before MuonWithAuxAdam.step runs Muon on it (the reference semantics). The clip
+    # factor differs between the two by an ulp (partition sums), which fp16 Newton-Schulz turns into
+    # 1e-4..5e-3 within 12 steps; in fp32 it stays below 2e-6 (NS_FP32).
+    "muloco_clip_accum": ds_config(MUON, 2, 0.05, {"num_replicas": 2, "sync_every": H, "outer_lr": 0.7,
+                                                   "outer_momentum": 0.9}, accum=2),
     # The exchange's compression and error feedback run inside OuterSync on both sides too.
     "muloco_2bit_ef_two_phase": ds_config(MUON, 1, 0.0, {
         "num_replicas": 2, "sync_every": H, "outer_lr": 0.7, "outer_momentum": 0.9,
@@ -52,11 +60,15 @@ SCENARIOS = {
 }
 
 
+NS_FP32 = {"muloco_clip_accum"}  # scenarios whose Newton-Schulz runs in fp32 on both sides (ns_precision.py)
+
+
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     out: Path = tmp_path_factory.mktemp("sim")
     spec = [{"name": n, "ds_config": c, "steps": STEPS, "seed": SEED, "micro": MICRO, "eval_every": EVAL_EVERY,
-             "eval_batches": EVAL_BATCHES, "snap_steps": SNAP_STEPS} for n, c in SCENARIOS.items()]
+             "eval_batches": EVAL_BATCHES, "snap_steps": SNAP_STEPS, "ns_fp32": n in NS_FP32}
+            for n, c in SCENARIOS.items()]
     (out / "scenarios.json").write_text(json.dumps(spec))
     res = run_ranks(2, ["tests/workers/sim_agreement_worker.py", str(out / "scenarios.json"), str(out)], timeout=300)
     assert res.ok, res.describe()
@@ -70,9 +82,11 @@ def run_simulator(name: str, replica_threads: bool = False) -> tuple[dict, dict[
         if step in SNAP_STEPS:
             snaps[step] = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
 
-    res = simulate(SCENARIOS[name], steps=STEPS, seed=SEED, micro_batch=MICRO, block_size=BLOCK,
-                   model_overrides={"n_embd": 32, "n_head": 2}, splits=splits(), eval_every=EVAL_EVERY,
-                   eval_batches=EVAL_BATCHES, log_every=1, dp_world=2, on_step=keep, replica_threads=replica_threads)
+    with newton_schulz_fp32() if name in NS_FP32 else contextlib.nullcontext():
+        res = simulate(SCENARIOS[name], steps=STEPS, seed=SEED, micro_batch=MICRO, block_size=BLOCK,
+                       model_overrides={"n_embd": 32, "n_head": 2}, splits=splits(), eval_every=EVAL_EVERY,
+                       eval_batches=EVAL_BATCHES, log_every=1, dp_world=2, on_step=keep,
+                       replica_threads=replica_threads)
     return res, snaps
 
 

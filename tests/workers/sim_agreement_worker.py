@@ -3,10 +3,11 @@
     python tests/workers/sim_agreement_worker.py SCENARIOS.json OUT_DIR
 
 Each scenario is {"name", "ds_config", "steps", "seed", "micro", "eval_every", "eval_batches",
-"snap_steps"}. This rank writes OUT_DIR/<name>.rank<r>.pt with its module parameters at
+"snap_steps", optional "ns_fp32": Newton-Schulz pinned to fp32, see ns_precision.py}. This rank writes OUT_DIR/<name>.rank<r>.pt with its module parameters at
 snap_steps, its training loss at every step (mean over micro-steps), train.py-style eval
 losses, outer steps and bytes. Batches are indexed as train.py indexes them.
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -41,35 +42,42 @@ def evaluate(engine: Any, data: TokenSplits, micro: int, seed: int, eval_batches
 
 
 def main() -> None:
+    from ns_precision import newton_schulz_fp32  # run as a script: tests/workers is on sys.path
+
     scenarios = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
     data = splits()
     for sc in scenarios:
-        torch.manual_seed(sc["seed"])
-        model = build_model("tiny", block_size=BLOCK, n_embd=32, n_head=2)
-        engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"])
-        rank = dist.get_rank()
-        snapshots, losses, evals = {}, [], []
-        accum = engine.gradient_accumulation_steps()
-        for step in range(1, sc["steps"] + 1):
-            step_loss = 0.0
-            for micro_step in range(accum):
-                x, y = get_batch(data.train, sc["micro"], BLOCK, sc["seed"], rank, (step - 1) * accum + micro_step)
-                loss = engine(x, y)
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.item() / accum
-            losses.append(step_loss)
-            if step in sc["snap_steps"]:
-                snapshots[step] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-            if step % sc["eval_every"] == 0 or step == sc["steps"]:
-                evals.append((step, evaluate(engine, data, sc["micro"], sc["seed"], sc["eval_batches"])))
-        info = {"outer_steps": engine.outer.outer_steps if engine.outer else 0,
-                "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0}
-        torch.save({"snapshots": snapshots, "losses": losses, "eval": evals, "info": info},
-                   out / f"{sc['name']}.rank{rank}.pt")
-        dist.barrier()
+        with newton_schulz_fp32() if sc.get("ns_fp32") else contextlib.nullcontext():
+            run(sc, data, out)
     dist.destroy_process_group()
+
+
+def run(sc: dict, data: Any, out: Path) -> None:
+    torch.manual_seed(sc["seed"])
+    model = build_model("tiny", block_size=BLOCK, n_embd=32, n_head=2)
+    engine, _, _, _ = streaming_muloco.initialize(model=model, config=sc["ds_config"])
+    rank = dist.get_rank()
+    snapshots, losses, evals = {}, [], []
+    accum = engine.gradient_accumulation_steps()
+    for step in range(1, sc["steps"] + 1):
+        step_loss = 0.0
+        for micro_step in range(accum):
+            x, y = get_batch(data.train, sc["micro"], BLOCK, sc["seed"], rank, (step - 1) * accum + micro_step)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / accum
+        losses.append(step_loss)
+        if step in sc["snap_steps"]:
+            snapshots[step] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        if step % sc["eval_every"] == 0 or step == sc["steps"]:
+            evals.append((step, evaluate(engine, data, sc["micro"], sc["seed"], sc["eval_batches"])))
+    info = {"outer_steps": engine.outer.outer_steps if engine.outer else 0,
+            "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0}
+    torch.save({"snapshots": snapshots, "losses": losses, "eval": evals, "info": info},
+               out / f"{sc['name']}.rank{rank}.pt")
+    dist.barrier()
 
 
 if __name__ == "__main__":
