@@ -30,6 +30,7 @@ from .compression import Compressor
 from .compressors import make_compressor
 from .config import CompressionConfig
 from .error_feedback import ErrorFeedback
+from .outer_state import OuterStateStore
 
 
 @dataclass
@@ -120,8 +121,10 @@ class PseudoGradExchange:
     re-compression of this rank's chunk), so they are saved with the outer state.
     """
 
-    def __init__(self, cfg: CompressionConfig, comm: CommBackend, num_fragments: int, outer_lr: float = 1.0) -> None:
+    def __init__(self, cfg: CompressionConfig, comm: CommBackend, num_fragments: int, outer_lr: float = 1.0,
+                 store: OuterStateStore | None = None) -> None:
         self.cfg = cfg
+        self.store = store
         self.comm = comm
         self.K = comm.size
         self.compressor = None if cfg.method == "none" else make_compressor(cfg.method, cfg.bits, cfg.block_size,
@@ -129,14 +132,15 @@ class PseudoGradExchange:
         scale = outer_lr if cfg.ef_scale_by_outer_lr else 1.0
 
         def ef() -> ErrorFeedback:
-            return ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback, scale=scale)
+            return ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback, scale=scale, store=store)
 
         self._new_ef = ef
         two = cfg.collective == "two_phase"
         # Two-phase: one EF per chunk, so each chunk is its own payload (EF is elementwise and
         # chunks are block-aligned, so this equals EF over the whole vector).
         self.ef = [[ef() for _ in range(self.K if two else 1)] for _ in range(num_fragments)]
-        self.ef_second = [ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback) for _ in range(num_fragments)]
+        self.ef_second = [ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback, store=store)
+                          for _ in range(num_fragments)]
 
     def resize(self, K: int) -> None:
         """A new group size (a fault-tolerant quorum changed). Two-phase chunks follow K: each
@@ -152,6 +156,7 @@ class PseudoGradExchange:
 
     def _recut(self, efs: list[ErrorFeedback], numel: int) -> list[ErrorFeedback]:
         fresh = [self._new_ef() for _ in range(self.K)]
+        self._synchronize()
         kept = [e.residual for e in efs]
         if kept and all(r is not None for r in kept):
             whole, chunk = torch.cat(kept)[:numel], self.chunk_numel(numel)
@@ -208,6 +213,7 @@ class PseudoGradExchange:
         """Copies of a fragment's residuals (first phase, then the second), to put back if its
         sync is dropped (fault tolerance: the dropped round's pseudo-gradient is sent again, whole,
         in the next round)."""
+        self._synchronize()
         efs = self.ef[fragment_id] + [self.ef_second[fragment_id]]
         return [None if e.residual is None else e.residual.clone() for e in efs]
 
@@ -217,6 +223,7 @@ class PseudoGradExchange:
 
     def reset_ef(self) -> None:
         """Zero every residual: a healed replica's state is its peer's, which holds no debt of ours."""
+        self._synchronize()
         for e in [e for per_frag in self.ef for e in per_frag] + list(self.ef_second):
             e.reset()
 
@@ -225,7 +232,12 @@ class PseudoGradExchange:
         efs = [e for per_frag in self.ef for e in per_frag] + list(self.ef_second)
         return sum(e.residual.numel() * e.residual.element_size() for e in efs if e.residual is not None)
 
+    def _synchronize(self) -> None:
+        if self.store is not None:
+            self.store.synchronize()  # residual put-backs still copying (outer_state.py)
+
     def state_dict(self) -> dict[str, Any]:
+        self._synchronize()
         return {"ef": [[e.state_dict() for e in efs] for efs in self.ef],
                 "ef_second": [e.state_dict() for e in self.ef_second]}
 
@@ -238,4 +250,10 @@ class PseudoGradExchange:
 
 
 def _residuals(efs: list[ErrorFeedback]) -> list[torch.Tensor]:
-    return [e.residual for e in efs if e.residual is not None]
+    """The residuals this encode left, where they were computed (for the observer). Taken, not
+    kept: with the outer state in host memory each is a device copy that should not outlive
+    the sync start."""
+    out = [e.working for e in efs if e.working is not None]
+    for e in efs:
+        e.working = None
+    return out

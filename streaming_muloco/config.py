@@ -126,6 +126,9 @@ class StreamingMuLoCoConfig:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
     nonfinite_policy: Literal["skip", "error"] = "skip"
+    # Where theta_g, the outer momentum and EF residuals rest between syncs: the engine's device,
+    # or pinned host memory ("cpu"; outer_state.py, docs/design.md §4).
+    outer_state_device: Literal["accelerator", "cpu"] = "accelerator"
     inner: InnerConfig = field(default_factory=InnerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     comm: CommConfig = field(default_factory=CommConfig)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .compression import Compressor, Payload
+from .outer_state import OuterStateStore
 
 
 class ErrorFeedback:
@@ -35,14 +36,17 @@ class ErrorFeedback:
     """
 
     def __init__(self, beta: float = 1.0, enabled: bool = True, scale: float = 1.0,
-                 numel: int | None = None, device: torch.device | str | None = None) -> None:
+                 numel: int | None = None, device: torch.device | str | None = None,
+                 store: OuterStateStore | None = None) -> None:
         if not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
             raise ValueError(f"error feedback beta ({beta}) must be in (0, 1]; 1.0 is classic error feedback")
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0.0):
             raise ValueError(f"error feedback scale ({scale}) must be a finite non-zero number "
                              f"(1.0, or the outer lr to follow the MuLoCo code)")
         self.beta, self.enabled, self.scale = float(beta), bool(enabled), float(scale)
+        self.store = store  # where the residual rests between steps (outer_state.py); None: in place
         self.residual: torch.Tensor | None = None
+        self.working: torch.Tensor | None = None  # the last step's residual where it was computed
         if numel is not None and self.enabled:
             self.residual = torch.zeros(numel, dtype=torch.float32, device=device)
 
@@ -60,18 +64,22 @@ class ErrorFeedback:
             x = delta if self.scale == 1.0 else delta * self.scale
             payload = compressor.compress(x)
             return payload, compressor.decompress(payload)
-        e = self.residual
-        if e is None:
-            e = self.residual = torch.zeros(delta.numel(), dtype=torch.float32, device=delta.device)
-        elif e.numel() != delta.numel():
-            raise ValueError(f"error feedback residual has {e.numel()} elements but delta has {delta.numel()}; "
-                             f"use one ErrorFeedback per fragment shard")
+        if self.residual is None:
+            zeros = torch.zeros(delta.numel(), dtype=torch.float32, device=delta.device)
+            self.residual = zeros if self.store is None else self.store.rest(zeros)
+        elif self.residual.numel() != delta.numel():
+            raise ValueError(f"error feedback residual has {self.residual.numel()} elements but delta has "
+                             f"{delta.numel()}; use one ErrorFeedback per fragment shard")
+        e = self.residual if self.store is None else self.store.fetch(self.residual)
         if self.beta != 1.0:
             e.mul_(self.beta)
         e.add_(delta.to(device=e.device), alpha=self.scale)
         payload = compressor.compress(e)
         sent = compressor.decompress(payload)
         e.sub_(sent)
+        self.working = e  # for metrics; the exchange takes it (and drops the reference) at once
+        if self.store is not None:
+            self.store.put_back(self.residual, e)
         return payload, sent
 
     def reset(self) -> None:
@@ -95,6 +103,9 @@ class ErrorFeedback:
         r = state["residual"]
         if r is None:
             self.residual = None
+            return
+        if self.store is not None and self.store.on_host:
+            self.residual = self.store.rest(r.detach().to(dtype=torch.float32))
             return
         device = self.residual.device if self.residual is not None else r.device
         self.residual = r.detach().to(device=device, dtype=torch.float32, copy=True)

@@ -26,6 +26,7 @@ from .compression import has_nonfinite
 from .config import StreamingMuLoCoConfig
 from .errors import NonFiniteError
 from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
+from .outer_state import OuterStateStore
 from .schedule import FragmentSchedule, SyncEvent
 from .sync_observer import SyncObserver
 
@@ -75,10 +76,12 @@ class OuterSync:
         self.comm = comm
         self.observer = observer
         self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay)
+        # theta_g, outer momentum and EF residuals rest here between syncs (outer_state.py)
+        self.store = OuterStateStore(cfg.outer_state_device, getattr(shard, "device", torch.device("cpu")))
         self.exchange = PseudoGradExchange(cfg.compression, comm, num_fragments=cfg.num_fragments,
-                                           outer_lr=cfg.outer_lr)
+                                           outer_lr=cfg.outer_lr, store=self.store)
         self.fragments = [
-            FragmentState(theta_g=shard.gather(p),
+            FragmentState(theta_g=self.store.rest(shard.gather(p)),
                           outer_opt=OuterNesterovSGD(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov))
             for p in range(cfg.num_fragments)
         ]
@@ -136,7 +139,7 @@ class OuterSync:
             self.exchange.resize(self.comm.size)
             frag.ef_snapshot = self.exchange.snapshot_ef(p)
         local = self.shard.gather(p)
-        delta = pseudo_grad(frag.theta_g, local, out=local)  # the gathered copy becomes Δ
+        delta = pseudo_grad(self.store.fetch(frag.theta_g), local, out=local)  # the gathered copy becomes Δ
         if has_nonfinite(delta):
             delta = self._nonfinite(p, step, delta)
         enc = self.exchange.encode(p, delta)
@@ -156,16 +159,33 @@ class OuterSync:
             frag.in_flight, frag.own, frag.ef_snapshot = None, None, None
             return
         frag.ef_snapshot = None
-        frag.outer_opt.step(frag.theta_g, mean)
+        theta_g = self._outer_step(frag, mean)
         alpha = self.cfg.mix_alpha
-        self.shard.scatter(p, frag.theta_g if alpha == 0.0 else mix(self.shard.gather(p), frag.theta_g, alpha))
+        self.shard.scatter(p, theta_g if alpha == 0.0 else mix(self.shard.gather(p), theta_g, alpha))
         self.outer_steps += 1
         for callback in self.after_finish:
-            callback(p, step, frag.theta_g)
+            callback(p, step, theta_g)
         self.observer.finished(p, step, mean, frag.own, wait_started=t0, waited_s=waited,
                                sync_s=time.perf_counter() - t0, outer_steps=self.outer_steps,
                                bytes_sent=self.comm.bytes_sent)
         frag.in_flight, frag.own = None, None
+
+    def _outer_step(self, frag: FragmentState, mean: torch.Tensor) -> torch.Tensor:
+        """The outer Nesterov step on working copies of theta_g and the momentum (the resting
+        tensors themselves unless the outer state rests in host memory); returns theta_g's."""
+        store, opt = self.store, frag.outer_opt
+        theta_g = store.fetch(frag.theta_g)
+        resting_momentum = opt.momentum_buffer
+        if resting_momentum is not None:
+            opt.momentum_buffer = store.fetch(resting_momentum)
+        opt.step(theta_g, mean)
+        if opt.momentum_buffer is not None:  # None with outer_momentum 0
+            if resting_momentum is None:  # the first step created it on the device
+                resting_momentum = store.rest(opt.momentum_buffer)
+            store.put_back(resting_momentum, opt.momentum_buffer)
+            opt.momentum_buffer = resting_momentum
+        store.put_back(frag.theta_g, theta_g)
+        return theta_g
 
     def _nonfinite(self, p: int, step: int, delta: torch.Tensor) -> torch.Tensor:
         """`nonfinite_policy`: stop, or send zeros so the other replicas' state stays clean."""
@@ -187,13 +207,16 @@ class OuterSync:
         shard = sum(nbytes(f.theta_g) for f in self.fragments)
         momentum = sum(nbytes(f.outer_opt.momentum_buffer) for f in self.fragments)
         ef = self.exchange.ef_nbytes()
+        total = shard + momentum + ef
+        on_host = self.store.placement == "host"
         return {"shard_fp32": shard, "theta_g": shard, "outer_momentum": momentum, "error_feedback": ef,
-                "total": shard + momentum + ef}
+                "total": total, "host": total if on_host else 0, "device": 0 if on_host else total}
 
     # ---- fault tolerance: what a joining replica receives -------------------------------------
     def heal_state(self) -> dict[str, Any]:
         """theta_g and the outer momentum of every fragment (this shard), copied: torchft serves
         them to the joiner after this rank has moved on."""
+        self.store.synchronize()
         return {"theta_g": [f.theta_g.detach().clone() for f in self.fragments],
                 "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],  # a copy already
                 "outer_steps": self.outer_steps}
@@ -201,14 +224,21 @@ class OuterSync:
     def load_heal_state(self, state: dict[str, Any]) -> None:
         """Become the peer: its theta_g and momentum, local weights = theta_g for every fragment,
         error feedback zero (the peer's residual is its own debt, not ours)."""
+        self.store.synchronize()
         self.outer_steps = state["outer_steps"]
         for p, (f, theta, opt) in enumerate(zip(self.fragments, state["theta_g"], state["outer_opt"])):
             f.theta_g.copy_(theta.to(f.theta_g.device))
             f.outer_opt.load_state_dict({k: (v.to(f.theta_g.device) if isinstance(v, torch.Tensor) else v)
                                          for k, v in opt.items()})
+            self._rest_momentum(f)
             self.shard.scatter(p, f.theta_g)
         self.exchange.reset_ef()
         self.shard.refresh_module_params()
+
+    def _rest_momentum(self, f: FragmentState) -> None:
+        """A loaded momentum buffer goes where this run keeps its outer state."""
+        if self.store.on_host and f.outer_opt.momentum_buffer is not None:
+            f.outer_opt.momentum_buffer = self.store.rest(f.outer_opt.momentum_buffer)
 
     # ---- checkpoint state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -219,6 +249,7 @@ class OuterSync:
         from the stored value, exactly as the uninterrupted run would have (its sync then
         reports no cosine: the contribution it was measured against is not saved).
         """
+        self.store.synchronize()
         if self.membership is not None:
             # Fault tolerance: the round in flight has not been voted on yet, so it is not saved;
             # a resume drops it (error feedback as before it, theta_g untouched) and its
@@ -239,9 +270,11 @@ class OuterSync:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer_steps = state["outer_steps"]
+        self.store.synchronize()
         for f, theta, opt in zip(self.fragments, state["theta_g"], state["outer_opt"]):
             f.theta_g.copy_(theta)
             f.outer_opt.load_state_dict(opt)
+            self._rest_momentum(f)
         self.exchange.load_state_dict(state["exchange"])
         self.comm.bytes_sent = state["bytes_sent"]
         for p, pending in state["in_flight"].items():
@@ -249,5 +282,5 @@ class OuterSync:
             if "ef_snapshot" in pending:
                 self.exchange.restore_ef(p, pending["ef_snapshot"])
                 continue
-            mean = pending["mean"].to(frag.theta_g.device)
+            mean = pending["mean"].to(self.store.device)
             frag.in_flight, frag.own = Handle(lambda m=mean: m), None

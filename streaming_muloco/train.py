@@ -318,6 +318,7 @@ def theta_g_sha256(outer: Any) -> str:
     import hashlib
 
     h = hashlib.sha256()
+    outer.store.synchronize()  # theta_g may still be copying back to host memory (outer_state.py)
     for f in outer.fragments:
         h.update(f.theta_g.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

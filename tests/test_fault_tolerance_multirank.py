@@ -167,7 +167,10 @@ def test_a_replica_started_late_joins_the_same_way(tmp_path, lighthouse2):
     reps = [Replica(k, 1, tmp_path, lighthouse2.address, args(k)) for k in range(2)]
     try:
         reps[0].wait_for_step(50)
-        late = Replica(2, 1, tmp_path, lighthouse2.address, args(2))
+        # The joiner keeps its outer state in host memory (outer_state.py): the heal loads the
+        # peer's theta_g and momentum into it, and it must still match its peers bit for bit.
+        late = Replica(2, 1, tmp_path, lighthouse2.address,
+                       args(2) + ["--set", "streaming_muloco.outer_state_device=\"cpu\""])
         _joins_and_matches(tmp_path, reps, late, steps, joined_after=50)
     finally:
         for r in reps:

@@ -35,6 +35,7 @@ OUTER = {"num_replicas": 2, "sync_every": H, "outer_lr": 0.7, "outer_momentum": 
 STREAM = {**OUTER, "num_fragments": 2, "sync_delay": 1}
 STREAM_MIX = {**STREAM, "mix_alpha": 0.5}
 STREAM_NOMIX = {**STREAM, "mix_alpha": 1.0}
+TWO_PHASE_2BIT = {"method": "statistical", "bits": 2, "error_feedback": True, "collective": "two_phase"}
 IDENTITY = {"num_replicas": 1, "sync_every": 1, "outer_lr": 1.0, "outer_momentum": 0.0}
 SCENARIOS = {
     "muloco_z1": ds_config(MUON, 1, OUTER),
@@ -45,6 +46,10 @@ SCENARIOS = {
     "stream_p2_t1_a05": ds_config(ADAMW, 2, STREAM_MIX),
     "stream_p2_t1_a1": ds_config(ADAMW, 1, STREAM_NOMIX),
     "identity_k1": ds_config(MUON, 1, IDENTITY),
+    # The outer state resting in host memory (outer_state.py) against the default, bit for bit.
+    "stream_p2_t1_host": ds_config(MUON, 1, {**STREAM, "outer_state_device": "cpu"}),
+    "stream_2bit_tp": ds_config(MUON, 2, {**STREAM, "compression": TWO_PHASE_2BIT}),
+    "stream_2bit_tp_host": ds_config(MUON, 2, {**STREAM, "compression": TWO_PHASE_2BIT, "outer_state_device": "cpu"}),
     "plain_ds": ds_config(MUON, 1, None),
 }
 
@@ -174,6 +179,26 @@ def test_distributed_outer_loop_equals_single_process_reference(snapshots, name,
         for step in (H - 1, H, 2 * H, STEPS):
             diff = max_diff(data["snapshots"][step - 1], ref[step - 1][k])
             assert diff < 2e-5, (name, rank, step, diff)
+
+
+@pytest.mark.parametrize("host_name, name", [("stream_p2_t1_host", "stream_p2_t1"),
+                                             ("stream_2bit_tp_host", "stream_2bit_tp")])
+def test_outer_state_in_host_memory_is_bit_identical_to_the_default(snapshots, host_name, name):
+    """streaming_muloco.outer_state_device "cpu": theta_g, momentum and EF rest in separate host
+    tensors and every sync works on copies of them (on this CPU the engine's device is host memory
+    too, so this checks the copies, their order and every read of the resting state)."""
+    for r in range(4):
+        host, default = snapshots[host_name][r]["info"], snapshots[name][r]["info"]
+        assert host["outer_state"]["on_host"] and not default["outer_state"]["on_host"]
+        assert host["outer_steps"] == default["outer_steps"] > 0
+        assert host["outer_state"]["bytes"] == default["outer_state"]["bytes"]
+        for step in range(STEPS):
+            assert max_diff(snapshots[host_name][r]["snapshots"][step], snapshots[name][r]["snapshots"][step]) == 0.0
+        def values(rows):  # norms, cosine, compression error, residual, bytes: everything but timings
+            return [r for r in rows if not any(w in r[0] for w in ("seconds", "_s", "time", "tok"))]
+
+        assert values(host["metrics"]) == values(default["metrics"])
+        assert len(values(host["metrics"])) > 10
 
 
 def test_k1_h1_identity_outer_step_equals_plain_deepspeed(snapshots):

@@ -69,13 +69,19 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_path, uninterrupted):
+HOST_STATE = ["--set", "streaming_muloco.outer_state_device=\"cpu\""]
+
+
+@pytest.mark.parametrize("extra", [[], HOST_STATE], ids=["default", "outer_state_in_host_memory"])
+def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_path, uninterrupted, extra):
+    """With the outer state in host memory too: its checkpoint and resume give the default run's
+    losses bit for bit (the uninterrupted run keeps the state on the engine's device)."""
     out = tmp_path / "killed"
-    procs = start(2, ARGS + ["--out-dir", str(out)])
+    procs = start(2, ARGS + extra + ["--out-dir", str(out)])
     wait_for_line(procs[0], "step      8/12")
     kill_all(procs)  # both ranks, SIGKILL, after the step-6 checkpoint (fragment 1 in flight)
     assert (out / "checkpoints" / "latest").read_text() == "step6"
-    res = run_ranks(2, ARGS + ["--out-dir", str(out), "--resume"], timeout=300)
+    res = run_ranks(2, ARGS + extra + ["--out-dir", str(out), "--resume"], timeout=300)
     assert res.ok, res.describe()
     assert "resumed from" in res.outputs[0] and "at inner step 6" in res.outputs[0]
     full, resumed = losses(uninterrupted), losses(out)

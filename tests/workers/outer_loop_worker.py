@@ -52,7 +52,9 @@ def main() -> None:
             snapshots.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
         info = {"muon": engine.muon_param_names(), "replica": engine.replica_id, "shard": engine.shard_id,
                 "outer_steps": engine.outer.outer_steps if engine.outer else 0,
-                "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0}
+                "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0,
+                "outer_state": {"on_host": engine.outer.store.on_host,
+                                "bytes": engine.outer.state_nbytes()["total"]} if engine.outer else None}
         if engine.outer:
             engine.outer.observer.summary()  # the last sync's metrics arrive here
         info["metrics"] = metrics.rows
