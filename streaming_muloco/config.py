@@ -284,10 +284,15 @@ def split_config(ds_config: dict) -> tuple[dict, StreamingMuLoCoConfig]:
     check_deepspeed_keys(ds)
     cfg = parse_section(ds_config.get(SECTION))
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if cfg.enabled and stage not in (1, 2):
-        raise ConfigError(f"zero_optimization.stage ({stage}) must be 1 or 2 with the {SECTION} outer loop: it "
+    if cfg.enabled and stage not in (1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage ({stage}) must be 1, 2 or 3 with the {SECTION} outer loop: it "
                           f"works on ZeRO's partitioned fp32 master weights; set \"zero_optimization\": "
                           f"{{\"stage\": 1}}")
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer")
+    if cfg.enabled and isinstance(offload, dict) and offload.get("device") == "nvme":
+        raise ConfigError(f"zero_optimization.offload_optimizer.device 'nvme' cannot be used with the {SECTION} outer "
+                          f"loop: the fp32 master partitions it reads and writes at every sync are swapped out to "
+                          f"disk; use \"cpu\" or \"none\"")
     opt_type = str((ds.get("optimizer") or {}).get("type", ""))
     if cfg.inner.adamw_params and opt_type.lower() != "muon":
         raise ConfigError(f"{SECTION}.inner.adamw_params chooses which parameters Muon leaves to AdamW, but "

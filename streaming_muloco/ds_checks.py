@@ -279,10 +279,10 @@ def check_deepspeed_keys(ds_config: dict) -> None:
                               f"zero_optimization.offload_optimizer: DeepSpeed then applies Muon inside step(), "
                               f"after its clipping of the orthogonalised update; set \"gradient_clipping\": 0 or "
                               f"remove offload_optimizer")
-        if stage == 3:
-            raise ConfigError("zero_optimization.stage (3) is not supported with the Muon optimizer: streaming_muloco "
-                              "handles Muon (its update scale, the outer loop on its shards) under ZeRO stages 0-2 "
-                              "only; set \"zero_optimization\": {\"stage\": 2}, or 1")
+        if stage == 3 and zero.get("reduce_scatter", True) is not False:
+            raise ConfigError("zero_optimization.reduce_scatter must be false with the Muon optimizer on ZeRO stage 3 "
+                              "(it defaults to true, and DeepSpeed refuses Muon with it); set \"zero_optimization\": "
+                              "{\"stage\": 3, \"reduce_scatter\": false}")
         if zero.get("reduce_scatter") is True and stage in (1, 2):
             raise ConfigError("zero_optimization.reduce_scatter must be false with the Muon optimizer: DeepSpeed's "
                               "Muon gives rank-divergent updates with it; set \"reduce_scatter\": false")

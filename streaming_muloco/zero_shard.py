@@ -1,4 +1,4 @@
-"""Views into this rank's DeepSpeed ZeRO-1/2 fp32 master partition, per fragment.
+"""Views into this rank's DeepSpeed ZeRO fp32 master partition (stage 1, 2 or 3), per fragment.
 
 ZeRO keeps the fp32 master weights flat and partitioned across the D ranks of a replica;
 those partitions are the truth that the inner optimizer steps. The outer loop therefore reads
@@ -24,18 +24,31 @@ class ZeroShard:
 
     def __init__(self, ds_optimizer: Any, named_params: list[tuple[str, torch.nn.Parameter]],
                  fragments: list[list[str]]) -> None:
-        if not hasattr(ds_optimizer, "single_partition_of_fp32_groups"):
-            raise ValueError(f"the outer loop needs DeepSpeed ZeRO stage 1 or 2 (got optimizer "
+        self.stage3 = hasattr(ds_optimizer, "fp32_partitioned_groups_flat")
+        if not (self.stage3 or hasattr(ds_optimizer, "single_partition_of_fp32_groups")):
+            raise ValueError(f"the outer loop needs DeepSpeed ZeRO stage 1, 2 or 3 (got optimizer "
                              f"{type(ds_optimizer).__name__})")
         self.optimizer = ds_optimizer
         by_name = dict(named_params)
         self.params = [[by_name[n] for n in names] for names in fragments]
-        self.device = ds_optimizer.single_partition_of_fp32_groups[0].device
+        flats = ds_optimizer.fp32_partitioned_groups_flat if self.stage3 else ds_optimizer.single_partition_of_fp32_groups
+        self.device = flats[0].device
 
     def views(self, fragment_id: int) -> list[torch.Tensor]:
-        """Flat fp32 views of this rank's elements of the fragment, in parameter order."""
+        """Flat fp32 views of this rank's elements of the fragment, in parameter order.
+
+        ZeRO-1/2: each parameter's `_hp_mapping` (None where this rank's partition holds none of
+        it). ZeRO-3: every parameter has a partition on every rank (ceil(numel/D) elements, the
+        last rank's padded with zeros that stay zero), at `grad_position` = (sub-group, offset,
+        numel) in that sub-group's flat fp32 partition.
+        """
         out = []
+        opt = self.optimizer
         for param in self.params[fragment_id]:
+            if self.stage3:
+                group, offset, numel = opt.grad_position[opt.get_param_id(param)]
+                out.append(opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel))
+                continue
             mapping = getattr(param, "_hp_mapping", None)
             if mapping is not None:  # None: this rank's partition holds no element of it
                 out.append(mapping.get_hp_fragment().view(-1))
@@ -62,5 +75,20 @@ class ZeroShard:
             offset += v.numel()
 
     def refresh_module_params(self) -> None:
-        """Copy fp32 masters into the module's (low-precision) params; collective in the replica."""
-        self.optimizer.update_lp_params()
+        """Copy fp32 masters into the module's (low-precision) params; collective in the replica.
+
+        ZeRO-3 has no `update_lp_params`; this does what its `step()` does around the optimizer:
+        release the gathered parameters, copy each sub-group's fp32 partition into its
+        low-precision partition, drop secondary copies, and all-gather the persistent (small,
+        kept whole) parameters again, now from the new partitions.
+        """
+        opt = self.optimizer
+        if not self.stage3:
+            opt.update_lp_params()
+            return
+        opt._partition_all_parameters()
+        for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+        opt.invalidate_secondary_tensor()
+        if opt.persistent_parameters:
+            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)

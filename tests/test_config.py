@@ -83,11 +83,17 @@ def test_section_is_removed_from_what_deepspeed_sees():
     assert "streaming_muloco" not in ds and cfg.num_replicas == 2
 
 
-@pytest.mark.parametrize("zero, shown", [({}, "0"), ({"zero_optimization": {"stage": 3}}, "3")])
-def test_outer_loop_needs_zero_stage_1_or_2(zero, shown):
-    with pytest.raises(ConfigError, match=rf"zero_optimization\.stage \({shown}\) must be 1 or 2 with the "
+@pytest.mark.parametrize("zero, shown", [({}, "0"), ({"zero_optimization": {"stage": 0}}, "0")])
+def test_outer_loop_needs_a_zero_stage(zero, shown):
+    with pytest.raises(ConfigError, match=rf"zero_optimization\.stage \({shown}\) must be 1, 2 or 3 with the "
                                           rf"streaming_muloco outer loop"):
         split_config({**zero, "streaming_muloco": {"num_replicas": 2}})
+
+
+def test_outer_loop_refuses_optimizer_state_swapped_to_nvme():
+    with pytest.raises(ConfigError, match=r"zero_optimization\.offload_optimizer\.device 'nvme' cannot be used"):
+        split_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}},
+                      "streaming_muloco": {"num_replicas": 2}})
 
 
 @pytest.mark.parametrize("world, section, message", [
@@ -304,7 +310,8 @@ PREFLIGHT_CASES = [
                  "error: scheduler.type 'CosineLR' is not a scheduler DeepSpeed can build", id="unknown-scheduler"),
     pytest.param(lambda t: ["--ds-config", _edited(t, lambda c: (_set(c, "zero_optimization.stage", 3),
                                                                  c.pop("streaming_muloco")))],
-                 "error: zero_optimization.stage (3) is not supported with the Muon optimizer", id="zero3-muon"),
+                 "error: zero_optimization.reduce_scatter must be false with the Muon optimizer on ZeRO stage 3",
+                 id="zero3-muon-reduce-scatter"),
     pytest.param(lambda t: _cfg("--set", 'zero_optimization.stage="1"'),
                  "error: zero_optimization.stage must be 0, 1, 2 or 3, got '1'", id="zero-stage-string"),
     pytest.param(lambda t: _cfg("--set", "+train_batch_size=64"),

@@ -23,9 +23,15 @@ MUON = {"type": "Muon", "params": {"muon_lr": 0.02, "adam_lr": 1e-2, "momentum":
                                    "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}}
 
 
-def ds_config(opt, stage, section):
+def ds_config(opt, stage, section, persistence_threshold=None):
+    # ZeRO-3: DeepSpeed refuses Muon with reduce_scatter (its default). Parameters below
+    # stage3_param_persistence_threshold elements (1e5: all of this model's) stay whole between
+    # uses; with 0 every one is partitioned and gathered only for its forward and backward.
+    zero = {"stage": stage} if stage < 3 else {"stage": 3, "reduce_scatter": False}
+    if persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-           "zero_optimization": {"stage": stage}, "optimizer": opt, "steps_per_print": 10 ** 6}
+           "zero_optimization": zero, "optimizer": opt, "steps_per_print": 10 ** 6}
     if section is not None:
         cfg["streaming_muloco"] = section
     return cfg
@@ -42,6 +48,10 @@ SCENARIOS = {
     "muloco_z2": ds_config(MUON, 2, OUTER),
     "diloco_z1": ds_config(ADAMW, 1, OUTER),
     "diloco_z2": ds_config(ADAMW, 2, OUTER),
+    "muloco_z3": ds_config(MUON, 3, OUTER),
+    "diloco_z3": ds_config(ADAMW, 3, OUTER),
+    "stream_p2_t1_z3": ds_config(MUON, 3, STREAM),
+    "muloco_z3_partitioned": ds_config(MUON, 3, OUTER, persistence_threshold=0),
     "stream_p2_t1": ds_config(MUON, 1, STREAM),
     "stream_p2_t1_a05": ds_config(ADAMW, 2, STREAM_MIX),
     "stream_p2_t1_a1": ds_config(ADAMW, 1, STREAM_NOMIX),
@@ -156,7 +166,8 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-@pytest.mark.parametrize("name", ["muloco_z1", "muloco_z2", "diloco_z1", "diloco_z2"])
+@pytest.mark.parametrize("name", ["muloco_z1", "muloco_z2", "diloco_z1", "diloco_z2", "muloco_z3", "diloco_z3",
+                                  "muloco_z3_partitioned"])
 def test_replicas_hold_bit_identical_params_after_every_outer_sync(snapshots, name):
     ranks = snapshots[name]
     assert [r["info"]["replica"] for r in ranks] == [0, 0, 1, 1]
@@ -171,6 +182,8 @@ def test_replicas_hold_bit_identical_params_after_every_outer_sync(snapshots, na
 
 @pytest.mark.parametrize("name, opt, outer", [
     ("muloco_z1", MUON, OUTER), ("muloco_z2", MUON, OUTER), ("diloco_z1", ADAMW, OUTER), ("diloco_z2", ADAMW, OUTER),
+    ("muloco_z3", MUON, OUTER), ("diloco_z3", ADAMW, OUTER), ("stream_p2_t1_z3", MUON, STREAM),
+    ("muloco_z3_partitioned", MUON, OUTER),
     ("stream_p2_t1", MUON, STREAM), ("stream_p2_t1_a05", ADAMW, STREAM_MIX), ("stream_p2_t1_a1", ADAMW, STREAM_NOMIX)])
 def test_distributed_outer_loop_equals_single_process_reference(snapshots, name, opt, outer):
     ref = reference(opt, K=2, D=2, outer=outer)

@@ -70,12 +70,15 @@ def uninterrupted(tmp_path_factory):
 
 
 HOST_STATE = ["--set", "streaming_muloco.outer_state_device=\"cpu\""]
+ZERO3 = ["--set", "zero_optimization.stage=3", "--set", "+zero_optimization.reduce_scatter=false",
+         "--set", "+zero_optimization.stage3_param_persistence_threshold=0"]
 
 
-@pytest.mark.parametrize("extra", [[], HOST_STATE], ids=["default", "outer_state_in_host_memory"])
+@pytest.mark.parametrize("extra", [[], HOST_STATE, ZERO3], ids=["default", "outer_state_in_host_memory", "zero3"])
 def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_path, uninterrupted, extra):
-    """With the outer state in host memory too: its checkpoint and resume give the default run's
-    losses bit for bit (the uninterrupted run keeps the state on the engine's device)."""
+    """Also with the outer state in host memory (compared with the default uninterrupted run,
+    which it equals bit for bit), and under ZeRO-3 with every parameter partitioned (compared
+    with an uninterrupted ZeRO-3 run)."""
     out = tmp_path / "killed"
     procs = start(2, ARGS + extra + ["--out-dir", str(out)])
     wait_for_line(procs[0], "step      8/12")
@@ -84,12 +87,17 @@ def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_
     res = run_ranks(2, ARGS + extra + ["--out-dir", str(out), "--resume"], timeout=300)
     assert res.ok, res.describe()
     assert "resumed from" in res.outputs[0] and "at inner step 6" in res.outputs[0]
-    full, resumed = losses(uninterrupted), losses(out)
+    reference = uninterrupted
+    if extra == ZERO3:
+        reference = tmp_path / "zero3_full"
+        full_run = run_ranks(2, ARGS + extra + ["--out-dir", str(reference)], timeout=300)
+        assert full_run.ok, full_run.describe()
+    full, resumed = losses(reference), losses(out)
     assert sorted(resumed) == list(range(7, 13))
     for step in range(7, 13):
         assert resumed[step] == full[step], (step, resumed[step], full[step])
     final = json.loads((out / "result.json").read_text())["final_eval_loss"]
-    assert final == json.loads((uninterrupted / "result.json").read_text())["final_eval_loss"]
+    assert final == json.loads((reference / "result.json").read_text())["final_eval_loss"]
 
 
 def _copy_run(src, dst):

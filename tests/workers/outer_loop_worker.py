@@ -33,6 +33,16 @@ class RecordingLogger(MetricsLogger):
         self.rows.append((tag, float(value), step))
 
 
+def full_params(engine) -> dict:
+    """The module's parameters, whole: under ZeRO-3 partitioned ones are gathered for the copy."""
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params],
+                                           enabled=engine.zero_optimization_stage() == 3):
+        return {n: p.detach().clone() for n, p in params}
+
+
 def main() -> None:
     scenarios = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
@@ -49,7 +59,7 @@ def main() -> None:
             loss = engine(x, y)
             engine.backward(loss)
             engine.step()
-            snapshots.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
+            snapshots.append(full_params(engine))
         info = {"muon": engine.muon_param_names(), "replica": engine.replica_id, "shard": engine.shard_id,
                 "outer_steps": engine.outer.outer_steps if engine.outer else 0,
                 "bytes_sent": engine.outer.comm.bytes_sent if engine.outer else 0,
