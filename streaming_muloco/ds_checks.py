@@ -269,9 +269,9 @@ def check_deepspeed_keys(ds_config: dict) -> None:
     opt = ds_config.get("optimizer") or {}
     if str(opt.get("type", "")).lower() == "muon":
         clip = ds_config.get("gradient_clipping", 1.0)
-        if clip not in (0, 0.0) and stage not in (1, 2):
-            raise ConfigError(f"gradient_clipping ({clip}) with the Muon optimizer needs zero_optimization.stage 1 or "
-                              f"2 (got {stage}): streaming_muloco clips the raw gradient before Muon there; set "
+        if clip not in (0, 0.0) and stage not in (1, 2, 3):
+            raise ConfigError(f"gradient_clipping ({clip}) with the Muon optimizer needs zero_optimization.stage 1, "
+                              f"2 or 3 (got {stage}): streaming_muloco clips the raw gradient before Muon there; set "
                               f"\"zero_optimization\": {{\"stage\": 1}}, or \"gradient_clipping\": 0")
         offload = zero.get("offload_optimizer")
         if clip not in (0, 0.0) and isinstance(offload, dict) and offload.get("device", "none") not in ("none", None):

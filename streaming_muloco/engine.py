@@ -429,7 +429,7 @@ def initialize(model: torch.nn.Module, config: dict | str | Path,
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
     # Muon: DeepSpeed would clip the orthogonalised update, so it gets 0 and grad_clip.py clips
-    # the raw gradient before Muon instead (the config check allows this for ZeRO 1/2 only).
+    # the raw gradient before Muon instead (the config check allows this on ZeRO stages 1-3).
     from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
 
     clip = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT)) if roles is not None else 0.0

@@ -1,4 +1,4 @@
-"""Gradient clipping that composes with Muon inside DeepSpeed ZeRO-1/2 (docs/design.md §2).
+"""Gradient clipping that composes with Muon inside DeepSpeed ZeRO (docs/design.md §2).
 
 What users mean by `gradient_clipping: c` is: scale the replica's raw gradient by
 min(1, c / ||g||), with the norm over the whole replica (all ZeRO partitions), before the
@@ -12,6 +12,8 @@ So DeepSpeed gets `gradient_clipping: 0` and the clipping happens here, at the o
 where the replica's reduced raw gradient is complete and Muon has not seen it yet: the first
 `get_all_grad_tensors` call of that epilogue, after all reductions and their stream sync.
 Two instance attributes of the ZeRO optimizer are wrapped; DeepSpeed's code is not copied.
+ZeRO-3 runs Muon later, inside `step()` (`_apply_muon_to_accumulated_grads`, on each rank's
+reduced gradient partitions, after the overflow check); there the clip runs just before it.
 
 The rule is DeepSpeed's own (`unscale_and_clip_grads`): with n the norm of the unscaled
 gradient, multiply by 1 / ((n + 1e-6) / c) when that factor exceeds 1. A non-finite norm is
@@ -26,7 +28,7 @@ import torch.distributed as dist
 
 
 class MuonGradClipper:
-    """Clips the raw gradient of one ZeRO-1/2 optimizer before Muon runs on it.
+    """Clips the raw gradient of one ZeRO optimizer (stage 1, 2 or 3) before Muon runs on it.
 
     `last_norm`: the replica's unscaled raw gradient norm at the last accumulation boundary
     (a 0-d tensor; None before the first). `clipped_steps`: how many boundaries were clipped.
@@ -35,16 +37,28 @@ class MuonGradClipper:
     def __init__(self, zero_optimizer: Any, clip: float) -> None:
         if clip <= 0:
             raise ValueError(f"clip must be > 0, got {clip}")
-        for name in ("independent_gradient_partition_epilogue", "get_all_grad_tensors", "params_in_partition",
-                     "all_grad_tensors", "get_param_gradient_attribute", "dp_process_group"):
-            if not hasattr(zero_optimizer, name):
-                raise ValueError(f"gradient clipping with Muon needs DeepSpeed's ZeRO stage 1/2 optimizer; "
-                                 f"{type(zero_optimizer).__name__} has no '{name}'")
         self.opt = zero_optimizer
         self.clip = float(clip)
         self.last_norm: torch.Tensor | None = None
         self.clipped_steps = 0
         self._armed = False
+        self.stage3 = hasattr(zero_optimizer, "_apply_muon_to_accumulated_grads")
+        if self.stage3:
+            # ZeRO-3 runs Muon in step(), once per accumulation window, on the reduced partitions
+            # (`averaged_gradients`) after its overflow check: clip right before that.
+            apply_muon = zero_optimizer._apply_muon_to_accumulated_grads
+
+            def _apply_muon_to_accumulated_grads() -> Any:
+                self.clip_now()
+                return apply_muon()
+
+            zero_optimizer._apply_muon_to_accumulated_grads = _apply_muon_to_accumulated_grads
+            return
+        for name in ("independent_gradient_partition_epilogue", "get_all_grad_tensors", "params_in_partition",
+                     "all_grad_tensors", "get_param_gradient_attribute", "dp_process_group"):
+            if not hasattr(zero_optimizer, name):
+                raise ValueError(f"gradient clipping with Muon needs DeepSpeed's ZeRO stage 1, 2 or 3 optimizer; "
+                                 f"{type(zero_optimizer).__name__} has no '{name}'")
         epilogue, get_all = zero_optimizer.independent_gradient_partition_epilogue, zero_optimizer.get_all_grad_tensors
 
         def independent_gradient_partition_epilogue() -> Any:
@@ -72,6 +86,9 @@ class MuonGradClipper:
         rank owns (`_hp_mapping`), so that every element counts once across the replica.
         """
         opt = self.opt
+        if self.stage3:  # each rank's own partitions of every parameter (padding is zero)
+            parts = [g for grads in opt.averaged_gradients.values() if grads for g in grads if g is not None]
+            return parts, parts
         owned: list[torch.Tensor] = []
         whole: dict[int, torch.Tensor] = {}
         compact = getattr(opt, "_use_compact_grad_partition_buffer", lambda i: False)

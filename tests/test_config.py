@@ -111,7 +111,7 @@ def test_topology_derives_ranks_per_replica():
 
 @pytest.mark.parametrize("ds, message", [
     ({"optimizer": {"type": "Muon"}, "gradient_clipping": 1.0},
-     r"gradient_clipping \(1\.0\) with the Muon optimizer needs zero_optimization\.stage 1 or 2 \(got 0\)"),
+     r"gradient_clipping \(1\.0\) with the Muon optimizer needs zero_optimization\.stage 1, 2 or 3 \(got 0\)"),
     ({"optimizer": {"type": "Muon"}}, r"gradient_clipping \(1\.0\) with the Muon"),  # DeepSpeed's default is 1.0
     ({"optimizer": {"type": "Muon"}, "gradient_clipping": 1.0,
       "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
@@ -124,10 +124,11 @@ def test_deepspeed_settings_known_to_break_muon_are_refused(ds, message):
         split_config(ds)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_clipping_with_muon_is_accepted_on_zero_1_and_2(stage):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_clipping_with_muon_is_accepted_on_zero_1_2_and_3(stage):
     ds, _ = split_config({"optimizer": {"type": "Muon"}, "gradient_clipping": 1.0,
-                          "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}})
+                          "zero_optimization": {"stage": stage, "reduce_scatter": False,
+                                                "offload_optimizer": {"device": "none"}}})
     assert ds["gradient_clipping"] == 1.0  # initialize hands DeepSpeed 0 and clips before Muon itself
 
 

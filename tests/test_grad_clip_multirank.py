@@ -1,4 +1,4 @@
-"""`gradient_clipping` with Muon under ZeRO-1/2 (grad_clip.py), on 2 real ranks (one replica, D=2).
+"""`gradient_clipping` with Muon under ZeRO 1, 2 and 3 (grad_clip.py), on 2 real ranks (one replica, D=2).
 
 The clip must act on the replica's raw gradient, over all ZeRO partitions, before Muon's
 momentum and Newton-Schulz: after a spiked first step, every optimizer moment is
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     return {f.stem: torch.load(f) for f in out.glob("*.pt")}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("gas", [1, 2])
 def test_a_spike_is_clipped_to_norm_c_before_muon_and_adamw_see_it(runs, stage, gas):
     r = runs[f"spike_z{stage}_gas{gas}"]
@@ -41,7 +41,7 @@ def test_a_spike_is_clipped_to_norm_c_before_muon_and_adamw_see_it(runs, stage, 
     assert received_sq ** 0.5 == pytest.approx(1.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_without_a_spike_training_is_bit_identical_to_no_clipping(runs, stage):
     loose, off = runs[f"loose_z{stage}"], runs[f"off_z{stage}"]
     assert len(loose) == len(off) == 3

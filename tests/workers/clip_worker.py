@@ -3,7 +3,7 @@
     python tests/workers/clip_worker.py OUT_DIR
 
 Every rank feeds the same batch, so the replica's averaged gradient is that batch's gradient,
-which rank 0 also computes with plain torch on an identical model copy. Per ZeRO stage (1, 2)
+which rank 0 also computes with plain torch on an identical model copy. Per ZeRO stage (1, 2, 3)
 and gradient accumulation (1, 2):
 - "spike": the loss is multiplied by 1000 at the first step and `gradient_clipping` is 1.0.
   After that step each optimizer moment is (1 - beta) x the gradient the optimizer received
@@ -16,6 +16,7 @@ import copy
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -27,8 +28,11 @@ SPIKE = 1000.0
 
 
 def config(stage: int, gas: int, clip: float) -> dict:
+    # ZeRO-3: Muon needs reduce_scatter off; threshold 0 partitions every parameter in use too.
+    zero = {"stage": stage} if stage < 3 else {"stage": 3, "reduce_scatter": False,
+                                               "stage3_param_persistence_threshold": 0}
     return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
-            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
+            "zero_optimization": zero, "steps_per_print": 10 ** 6,
             "optimizer": {"type": "Muon", "params": {"muon_lr": 0.02, "adam_lr": 1e-3, "momentum": 0.95,
                                                      "weight_decay": 0.0, "torch_adam": True}},
             "streaming_muloco": {"enabled": False}}
@@ -45,6 +49,28 @@ def full_param_state(zero, p: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         full[lp.start: lp.start + lp.numel] = flat.narrow(0, hp.start, hp.numel)
     dist.all_reduce(full, group=zero.dp_process_group)
     return full.view(p.shape)
+
+
+def zero3_moments(zero, names: dict, moments: dict, beta_of: dict) -> None:
+    """ZeRO-3 keeps every optimizer state like the fp32 partitions: parameter p's slice of
+    rank r's flat state is at grad_position, and covers elements [r*n, (r+1)*n) of p."""
+    rank, world = dist.get_rank(zero.dp_process_group), dist.get_world_size(zero.dp_process_group)
+    for i, group in enumerate(zero.fp16_groups):
+        flat_param = zero.fp32_partitioned_groups_flat[i]
+        use_muon = bool(zero.sub_groups_using_muon[i])
+        settings = next(g for g in zero.optimizer.param_groups if bool(g["use_muon"]) is use_muon)
+        if use_muon:
+            in_memory = getattr(zero, "muon_momentum_buffer_partitioned_groups_flat", {}) or {}
+            state = in_memory.get(i) if i in in_memory else zero.optimizer.state[flat_param]["momentum_buffer"]
+        else:
+            state = zero.optimizer.state[flat_param]["exp_avg"]
+        for p in group:
+            _, offset, n = zero.grad_position[zero.get_param_id(p)]
+            full = torch.zeros(n * world, dtype=torch.float32, device=state.device)
+            full[rank * n:(rank + 1) * n] = state.narrow(0, offset, n)
+            dist.all_reduce(full, group=zero.dp_process_group)
+            moments[names[id(p)]] = full[:p.ds_numel].view(p.ds_shape)
+            beta_of[names[id(p)]] = settings["momentum"] if use_muon else settings["betas"][0]
 
 
 def _muon_offsets(params_in_partition: list) -> dict:
@@ -85,7 +111,9 @@ def spike(out: Path, tokens, stage: int, gas: int) -> None:
     zero = engine.optimizer
     moments, beta_of = {}, {}
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    for i, group in enumerate(zero.bit16_groups):
+    if stage == 3:
+        zero3_moments(zero, names, moments, beta_of)
+    for i, group in enumerate(zero.bit16_groups if stage < 3 else []):
         settings = zero.optimizer.param_groups[i]
         state = zero.optimizer.state[zero.single_partition_of_fp32_groups[i]]
         flat = state["momentum_buffer" if settings["use_muon"] else "exp_avg"]
@@ -111,7 +139,9 @@ def params_after_steps(out: Path, tokens, stage: int, clip: float, name: str) ->
         (x, y), = micro_batches(tokens, 1, step)
         engine.backward(engine(x, y))
         engine.step()
-        snapshots.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
+        params = list(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+            snapshots.append({n: p.detach().clone() for n, p in params})
     if dist.get_rank() == 0:
         torch.save(snapshots, out / f"{name}_z{stage}.pt")
     dist.barrier()
@@ -120,7 +150,7 @@ def params_after_steps(out: Path, tokens, stage: int, clip: float, name: str) ->
 def main() -> None:
     out = Path(sys.argv[1])
     tokens = load_tokens(None)[:100_000]
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         for gas in (1, 2):
             spike(out, tokens, stage, gas)
         params_after_steps(out, tokens, stage, 1e6, "loose")
