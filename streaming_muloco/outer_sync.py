@@ -104,7 +104,9 @@ class OuterSync:
                 return
             quorum_done = False
         if any(e.kind == "finish" for e in events):
+            t_refresh = time.perf_counter()
             self.shard.refresh_module_params()
+            self.observer.refreshed(time.perf_counter() - t_refresh)
 
     def rejoin(self, step: int) -> None:
         """After a heal at the quorum of a sync start: this replica now holds a peer's theta_g,
@@ -142,8 +144,10 @@ class OuterSync:
         delta = pseudo_grad(self.store.fetch(frag.theta_g), local, out=local)  # the gathered copy becomes Δ
         if has_nonfinite(delta):
             delta = self._nonfinite(p, step, delta)
+        t_encode = time.perf_counter()
         enc = self.exchange.encode(p, delta)
-        self.observer.encoded(p, delta, enc.own, enc.residuals, enc.payload_bytes)
+        self.observer.encoded(p, delta, enc.own, enc.residuals, enc.payload_bytes,
+                              compress_s=time.perf_counter() - t_encode)
         frag.in_flight, frag.own = self.exchange.send(p, enc), enc.own
         self.observer.launched(p, time.perf_counter() - t0)
         return None
@@ -159,15 +163,17 @@ class OuterSync:
             frag.in_flight, frag.own, frag.ef_snapshot = None, None, None
             return
         frag.ef_snapshot = None
+        t_apply = time.perf_counter()
         theta_g = self._outer_step(frag, mean)
         alpha = self.cfg.mix_alpha
         self.shard.scatter(p, theta_g if alpha == 0.0 else mix(self.shard.gather(p), theta_g, alpha))
+        apply_s = time.perf_counter() - t_apply
         self.outer_steps += 1
         for callback in self.after_finish:
             callback(p, step, theta_g)
         self.observer.finished(p, step, mean, frag.own, wait_started=t0, waited_s=waited,
                                sync_s=time.perf_counter() - t0, outer_steps=self.outer_steps,
-                               bytes_sent=self.comm.bytes_sent)
+                               bytes_sent=self.comm.bytes_sent, apply_s=apply_s)
         frag.in_flight, frag.own = None, None
 
     def _outer_step(self, frag: FragmentState, mean: torch.Tensor) -> torch.Tensor:

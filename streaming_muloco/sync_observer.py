@@ -96,13 +96,20 @@ class SyncObserver:
         self.launch_s = 0.0  # pseudo-gradient + compression + launch: on the training path
         self.exposed_s = 0.0  # blocked in wait(): what overlap failed to hide
         self.hidden_s = 0.0  # wall time between launch and wait, during which compute ran
+        self.compress_s = 0.0  # error feedback + compression, inside the launch
+        self.apply_s = 0.0  # outer step and write-back into the shard
+        self.refresh_s = 0.0  # DeepSpeed's refresh of the module's params from the fp32 shard
+        self.syncs = 0
         self._launch: dict[int, tuple[torch.Tensor, float, float]] = {}  # p -> (sums, payload bytes, t)
         self._pending: list[_Pending] = []
+        self._compress_s: dict[int, float] = {}
 
     # -- called by the data path ----------------------------------------------------------
     def encoded(self, fragment_id: int, delta: torch.Tensor, own: Sequence[torch.Tensor] | None,
-                residuals: Sequence[torch.Tensor], payload_bytes: int) -> None:
+                residuals: Sequence[torch.Tensor], payload_bytes: int, compress_s: float = 0.0) -> None:
         """Before the launch: |Δ|², what compression changed, what error feedback holds."""
+        self.compress_s += compress_s
+        self._compress_s[fragment_id] = compress_s
         launch = torch.zeros(3, dtype=torch.float64, device=delta.device)
         launch[_DELTA_SQ] = sq_norm([delta])
         if own is not None:
@@ -115,12 +122,15 @@ class SyncObserver:
         launch, nbytes, _ = self._launch.get(fragment_id, (None, 0.0, 0.0))
         self._launch[fragment_id] = (launch, nbytes, time.perf_counter())
 
+    def refreshed(self, seconds: float) -> None:
+        self.refresh_s += seconds
+
     def nonfinite_skipped(self, step: int) -> None:
         self.metrics.scalar("outer/nonfinite_skipped", 1.0, step)
 
     def finished(self, fragment_id: int, step: int, mean: torch.Tensor, own: Sequence[torch.Tensor] | None,
                  *, wait_started: float, waited_s: float, sync_s: float, outer_steps: int,
-                 bytes_sent: int) -> None:
+                 bytes_sent: int, apply_s: float = 0.0) -> None:
         """After the write-back: log earlier syncs whose sums have arrived, launch this one's.
 
         `wait_started` is the `time.perf_counter()` at which the path began to wait.
@@ -129,6 +139,8 @@ class SyncObserver:
         hidden = wait_started - launched_at if launched_at else 0.0  # 0 after a resume
         self.exposed_s += waited_s
         self.hidden_s += hidden
+        self.apply_s += apply_s
+        self.syncs += 1
         stats = torch.zeros(7, dtype=torch.float64, device=mean.device)
         if launch is not None:
             stats[:3] = launch
@@ -142,7 +154,8 @@ class SyncObserver:
         self._pending.append(_Pending(step, fragment_id, handle if handle is not None else stats, {
             "outer/steps": outer_steps, "outer/sync_seconds": sync_s, "comm/exposed_seconds": waited_s,
             "comm/in_flight_compute_seconds": hidden, "comm/bytes_sent_total": bytes_sent,
-            "comm/payload_bytes": nbytes}))
+            "comm/payload_bytes": nbytes, "outer/compress_seconds": self._compress_s.pop(fragment_id, 0.0),
+            "outer/apply_seconds": apply_s}))
 
     # -- reporting -------------------------------------------------------------------------
     def flush(self, wait: bool = True) -> None:
@@ -174,4 +187,6 @@ class SyncObserver:
     def summary(self) -> dict[str, float]:
         """Totals for result.json (flushes the metrics still in flight)."""
         self.flush()
-        return {"comm_exposed_s": self.exposed_s, "comm_hidden_s": self.hidden_s, "comm_launch_s": self.launch_s}
+        return {"comm_exposed_s": self.exposed_s, "comm_hidden_s": self.hidden_s, "comm_launch_s": self.launch_s,
+                "compress_s": self.compress_s, "apply_s": self.apply_s, "refresh_s": self.refresh_s,
+                "syncs_finished": self.syncs}
