@@ -21,6 +21,7 @@ left alone, so fp16's overflow check still sees the overflow and skips the step.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -126,7 +127,8 @@ class MuonGradClipper:
         norm = sq.sqrt() / loss_scale
         self.last_norm = norm
         factor = (norm + 1e-6) / self.clip
-        if not bool(torch.isfinite(norm)) or float(factor) <= 1.0:
+        f = float(factor)  # the step's one host sync; non-finite exactly when the norm is
+        if not math.isfinite(f) or f <= 1.0:
             return
         self.clipped_steps += 1
         scale = 1.0 / factor

@@ -35,25 +35,31 @@ def layer_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape) if ds_shape is None else tuple(ds_shape)
 
 
-def _token_embedding(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_input_embeddings", None)
+def _hf_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """What a Hugging Face model's `get_input_embeddings` / `get_output_embeddings` returns, or
+    None for models without the method (or whose method is not implemented or returns None)."""
+    get = getattr(model, getter, None)
     if callable(get):
         with contextlib.suppress(NotImplementedError, AttributeError):
-            emb = get()
-            if isinstance(emb, nn.Module):
-                return emb
+            module = get()
+            if isinstance(module, nn.Module):
+                return module
+    return None
+
+
+def _token_embedding(model: nn.Module) -> nn.Module | None:
+    emb = _hf_module(model, "get_input_embeddings")
+    if emb is not None:
+        return emb
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     return max(embeddings, key=lambda m: m.num_embeddings) if embeddings else None
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
     """The module that maps hidden states to vocabulary logits, or None if none is found."""
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        with contextlib.suppress(NotImplementedError, AttributeError):
-            head = get()
-            if isinstance(head, nn.Module):
-                return head
+    head = _hf_module(model, "get_output_embeddings")
+    if head is not None:
+        return head
     emb = _token_embedding(model)
     if not isinstance(emb, nn.Embedding):
         return None

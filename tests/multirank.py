@@ -70,6 +70,15 @@ def run_ranks(n: int, argv: list[str], timeout: float = 300, env: dict | None = 
     return _collect(procs, timeout)
 
 
+def run_and_load(n: int, argv: list[str], out: Path, timeout: float = 300) -> dict:
+    """Run a worker on n ranks that writes OUT/*.pt, and load those files by stem."""
+    import torch
+
+    res = run_ranks(n, argv, timeout=timeout)
+    assert res.ok, res.describe()
+    return {f.stem: torch.load(f) for f in out.glob("*.pt")}
+
+
 def run_mpirun(n: int, argv: list[str], timeout: float = 300, env: dict | None = None,
                mpi_args: list[str] | None = None) -> Result:
     """`mpirun -np n python argv...`; one Result entry for the whole job (output of all ranks)."""

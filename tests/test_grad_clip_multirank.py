@@ -9,7 +9,7 @@ reached) training is bit-identical to no clipping.
 import pytest
 import torch
 
-from multirank import run_ranks
+from multirank import run_and_load
 
 pytestmark = pytest.mark.multirank
 
@@ -17,9 +17,7 @@ pytestmark = pytest.mark.multirank
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("clip")
-    res = run_ranks(2, ["tests/workers/clip_worker.py", str(out)], timeout=500)
-    assert res.ok, res.describe()
-    return {f.stem: torch.load(f) for f in out.glob("*.pt")}
+    return run_and_load(2, ["tests/workers/clip_worker.py", str(out)], out, timeout=500)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

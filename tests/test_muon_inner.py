@@ -7,7 +7,7 @@ gradient's wildly uneven spectrum.
 import pytest
 import torch
 
-from multirank import run_ranks
+from multirank import run_and_load
 from streaming_muloco.inner import moonlight_scale
 
 pytestmark = pytest.mark.multirank
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.multirank
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("muon")
-    res = run_ranks(2, ["tests/workers/muon_worker.py", str(out)], timeout=400)
-    assert res.ok, res.describe()
-    return {f.stem: torch.load(f) for f in out.glob("*.pt")}
+    return run_and_load(2, ["tests/workers/muon_worker.py", str(out)], out, timeout=400)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
