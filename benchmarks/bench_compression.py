@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_muloco.compressors import make_compressor  # noqa: E402
 
 METHODS: list[tuple[str, int]] = [("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 2),
-                                  ("statistical", 4), ("e3m0", 4), ("topk", 32)]
+                                  ("statistical", 4), ("e3m0", 4), ("topk", 32), ("sparse", 2)]
+SPARSE_BLOCK = 4096  # "sparse" runs at its own chunk length (--sparse-block-size): see streaming_muloco/sparse.py
 
 
 def naive_int8_absmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,18 +82,20 @@ def median_seconds(fn: Callable[[], object], reps: int, device: torch.device, cl
 
 
 def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float, device: torch.device,
-        clock: Callable[[], float]) -> list[dict[str, float | int | str]]:
+        clock: Callable[[], float], sparse_block: int = SPARSE_BLOCK) -> list[dict[str, float | int | str]]:
     rows: list[dict[str, float | int | str]] = []
     for n in sizes:
         x = torch.randn(n, device=device)
         gb = n * 4 / 1e9
         clone_s = median_seconds(lambda: x.clone(), reps, device, clock)
         for method, bits in METHODS:
-            comp = make_compressor(method, bits if method != "topk" else 8, block_size, topk_fraction)
+            block = sparse_block if method == "sparse" else block_size
+            comp = make_compressor(method, bits if method != "topk" else 8, block, topk_fraction)
+            name = f"{comp.name} B{block}" if method == "sparse" else comp.name
             p = comp.compress(x)
             c_s = median_seconds(lambda: comp.compress(x), reps, device, clock)
             d_s = median_seconds(lambda: comp.decompress(p), reps, device, clock)
-            rows.append({"method": comp.name, "numel": n, "ratio": n * 4 / p.nbytes,
+            rows.append({"method": name, "numel": n, "ratio": n * 4 / p.nbytes,
                          "clone_GBps": gb / clone_s, "compress_GBps": gb / c_s, "decompress_GBps": gb / d_s,
                          "compress_x_clone": clone_s / c_s, "decompress_x_clone": clone_s / d_s})
             comp.release_scratch()
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=0, help="timed reps per point (default 7, 3 with --quick)")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--topk-fraction", type=float, default=0.01)
+    ap.add_argument("--sparse-block-size", type=int, default=SPARSE_BLOCK, help="chunk length of method 'sparse'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timer", choices=("wall", "cpu"), default="wall",
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [2**20, 2**22] if args.quick else [2**20, 2**22, 2**24] + ([2**26] if args.full else [])
     reps = args.reps or (3 if args.quick else 7)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = run(sizes, reps, args.block_size, args.topk_fraction, torch.device(args.device), clock)
+    rows = run(sizes, reps, args.block_size, args.topk_fraction, torch.device(args.device), clock,
+               args.sparse_block_size)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, block {args.block_size}, "
           f"topk fraction {args.topk_fraction}, median of {reps}, {args.timer} time, "
           f"1-min load average at start {load:.2f}")

@@ -68,6 +68,43 @@ STUDY: dict[str, tuple[str, dict]] = {
     "MuLoCo 2-bit no EF": ("muloco_cpu.json", {"compression": {
         "method": "statistical", "bits": 2, "error_feedback": False}}),
 }
+# Parameter-aware rows (segments.py): per-row blocks, 1-D parameters in fp32.
+_ROW = {"granularity": "row"}
+STUDY.update({
+    "MuLoCo 2-bit EF row": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, **_ROW}}),
+    "MuLoCo 2-bit linear EF row": ("muloco_cpu.json", {"compression": {
+        "method": "linear", "bits": 2, "error_feedback": True, **_ROW}}),
+    "MuLoCo 2-bit no EF row": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": False, **_ROW}}),
+    "MuLoCo 2-bit EF beta 0.9 row": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, "ef_beta": 0.9, **_ROW}}),
+    "MuLoCo 2-bit linear EF beta 0.9 row": ("muloco_cpu.json", {"compression": {
+        "method": "linear", "bits": 2, "error_feedback": True, "ef_beta": 0.9, **_ROW}}),
+    "MuLoCo 2-bit EF block-in-param": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, "granularity": "block"}}),
+    **{f"MuLoCo 2-bit EF row clip {c:g}": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 2, "error_feedback": True, "stat_clip": c, **_ROW}}) for c in (1.5, 2, 3)},
+    "MuLoCo 4-bit EF row": ("muloco_cpu.json", {"compression": {
+        "method": "statistical", "bits": 4, "error_feedback": True, **_ROW}}),
+})
+
+
+
+def _shipped(file: str, outer: bool = False) -> dict:
+    """The compression section of a shipped config (with `outer`, its outer-optimizer keys too),
+    so the sweep measures what users get."""
+    section = json.loads((REPO / "ds_configs" / file).read_text())["streaming_muloco"]
+    keys = ("compression", "outer_lr", "outer_momentum", "outer_nesterov") if outer else ("compression",)
+    return {k: section[k] for k in keys if k in section}
+
+
+STUDY.update({
+    "MuLoCo 4-bit shipped": ("muloco_cpu.json", _shipped("muloco_4bit_cpu.json")),
+    "MuLoCo 2-bit shipped": ("muloco_cpu.json", _shipped("muloco_2bit_ef_cpu.json")),
+    "MuLoCo sparse shipped": ("muloco_cpu.json", _shipped("muloco_sparse_cpu.json", outer=True)),
+    "DiLoCo 2-bit shipped": ("diloco_cpu.json", _shipped("muloco_2bit_ef_cpu.json")),
+})
 METHODS.update(STUDY)
 TUNE_WITH_MULOCO = set(COMPRESSED) | set(STUDY)  # compressed rows inherit MuLoCo's rates unless tuned
 INNER_MULTS, OUTER_LRS = (0.5, 1.0, 2.0), (0.5, 0.8)

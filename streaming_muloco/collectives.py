@@ -31,6 +31,7 @@ from .compressors import make_compressor
 from .config import CompressionConfig
 from .error_feedback import ErrorFeedback
 from .outer_state import OuterStateStore
+from .segments import ParamExtent, SegmentedCompressor, compressed_kinds, cut_segments, plan_segments
 
 
 @dataclass
@@ -90,9 +91,12 @@ class _TwoPhase(Handle):
 
     def _launch_second(self) -> None:
         x, chunk, k = self.x, self.x.chunk_numel(self.numel), self.x.comm.rank
-        mean_chunk = _mean_of_payloads(x.compressor, self.first.wait(), chunk, k, self.own_chunk, x.comm.mean_divisor())
-        payload, self.own_mean = x.ef_second[self.p].step(mean_chunk, x.compressor)
-        self.second = x.comm.all_gather(payload.to_flat_bytes())
+        c = x.compressor_for(self.p, k)
+        mine = c.payload_nbytes(chunk)  # the K payloads of this rank's chunk, without the padding
+        bufs = [b[:mine] for b in self.first.wait()]
+        mean_chunk = _mean_of_payloads(c, bufs, chunk, k, self.own_chunk, x.comm.mean_divisor())
+        payload, self.own_mean = x.ef_second[self.p].step(mean_chunk, c)
+        self.second = x.comm.all_gather(x.padded_chunk(self.p, payload.to_flat_bytes(), chunk))
 
     def poke(self) -> None:
         if self.second is None and self.first.test():
@@ -103,14 +107,15 @@ class _TwoPhase(Handle):
     def _finish(self) -> torch.Tensor:
         if self.second is None:
             self._launch_second()
-        chunk, k, c = self.x.chunk_numel(self.numel), self.x.comm.rank, self.x.compressor
+        chunk, k = self.x.chunk_numel(self.numel), self.x.comm.rank
         gathered = self.second.wait()
         out = torch.empty(chunk * len(gathered), dtype=torch.float32, device=gathered[0].device)
         for j, buf in enumerate(gathered):
             if j == k:
                 out[j * chunk:(j + 1) * chunk].copy_(self.own_mean)
             else:
-                c.decompress(c.unflatten(buf, chunk), out=out[j * chunk:(j + 1) * chunk])
+                c = self.x.compressor_for(self.p, j)
+                c.decompress(c.unflatten(buf[:c.payload_nbytes(chunk)], chunk), out=out[j * chunk:(j + 1) * chunk])
         return out[: self.numel]
 
 
@@ -122,13 +127,30 @@ class PseudoGradExchange:
     """
 
     def __init__(self, cfg: CompressionConfig, comm: CommBackend, num_fragments: int, outer_lr: float = 1.0,
-                 store: OuterStateStore | None = None) -> None:
+                 store: OuterStateStore | None = None, extents: list[list[ParamExtent]] | None = None,
+                 background: bool = False) -> None:
         self.cfg = cfg
         self.store = store
         self.comm = comm
         self.K = comm.size
         self.compressor = None if cfg.method == "none" else make_compressor(cfg.method, cfg.bits, cfg.block_size,
-                                                                            cfg.topk_fraction)
+                                                                            cfg.topk_fraction, stat_clip=cfg.stat_clip)
+        # `encode` may run on a worker thread (outer_sync.py) while the training thread decodes
+        # another fragment's payloads: a compressor's scratch buffers are not thread-safe, so
+        # the encoder is then an instance of its own.
+        self.background = background and self.compressor is not None
+        self._encoder = (make_compressor(cfg.method, cfg.bits, cfg.block_size, cfg.topk_fraction,
+                                         stat_clip=cfg.stat_clip) if self.background else self.compressor)
+        # Parameter-aware compression (segments.py): one segment plan per fragment shard, and
+        # a compressor per (fragment, two-phase chunk, K), made when first needed.
+        self.plans = None
+        if self.compressor is not None and cfg.granularity != "flat":
+            if extents is None or len(extents) != num_fragments:
+                raise ValueError(f"granularity {cfg.granularity!r} needs the parameter extents of all "
+                                 f"{num_fragments} fragment shards")
+            kinds = compressed_kinds(cfg.method, cfg.compress_vectors, cfg.compress_embedding, cfg.compress_head)
+            self.plans = [plan_segments(e, cfg.granularity, cfg.block_size, kinds) for e in extents]
+        self._segmented: dict[tuple[int, int, int, bool], Compressor] = {}
         scale = outer_lr if cfg.ef_scale_by_outer_lr else 1.0
 
         def ef() -> ErrorFeedback:
@@ -167,9 +189,38 @@ class PseudoGradExchange:
         return fresh
 
     def chunk_numel(self, numel: int) -> int:
-        """Elements per two-phase chunk: ceil(numel/K), rounded up to the compressor's alignment."""
-        block = self.compressor.alignment if self.compressor is not None else 1
+        """Elements per two-phase chunk: ceil(numel/K), rounded up to the compressor's alignment
+        (segmented compressors cut their plan anywhere: a cut block becomes two)."""
+        block = self.compressor.alignment if self.compressor is not None and self.plans is None else 1
         return max(block, math.ceil(math.ceil(numel / self.K) / block) * block)
+
+    def compressor_for(self, fragment_id: int, chunk: int | None = None, encoder: bool = False) -> Compressor:
+        """The compressor of fragment `fragment_id` (of its two-phase `chunk`, when given); the
+        encoder's own instance with `encoder` (see __init__)."""
+        base = self._encoder if encoder else self.compressor
+        assert base is not None
+        if self.plans is None:
+            return base
+        plan = self.plans[fragment_id]
+        key = (fragment_id, -1 if chunk is None else chunk, 0 if chunk is None else self.K, encoder)
+        c = self._segmented.get(key)
+        if c is None:
+            if chunk is not None:
+                n = self.chunk_numel(sum(s.numel for s in plan))
+                plan = cut_segments(plan, chunk * n, (chunk + 1) * n)
+            c = self._segmented[key] = SegmentedCompressor(base, plan)
+        return c
+
+    def padded_chunk(self, fragment_id: int, buf: torch.Tensor, chunk: int) -> torch.Tensor:
+        """A two-phase chunk payload padded to the largest chunk payload of the fragment: the
+        collectives move equal-sized buffers, and segmented chunks (cut at different places of
+        the plan) differ by a few bytes. Flat block chunks are all one size: no copy."""
+        width = max(self.compressor_for(fragment_id, j).payload_nbytes(chunk) for j in range(self.K))
+        if buf.numel() == width:
+            return buf
+        out = torch.zeros(width, dtype=torch.uint8, device=buf.device)
+        out[:buf.numel()] = buf
+        return out
 
     def encode(self, fragment_id: int, delta: torch.Tensor) -> Encoded:
         """Error feedback and compression of `delta` (flat fp32); `delta` itself is not changed."""
@@ -178,7 +229,7 @@ class PseudoGradExchange:
             return Encoded(wire=delta, numel=n, payload_bytes=n * delta.element_size())
         efs = self.ef[fragment_id]
         if self.cfg.collective == "single_phase":
-            payload, sent = efs[0].step(delta, self.compressor)
+            payload, sent = efs[0].step(delta, self.compressor_for(fragment_id, encoder=True))
             return Encoded(wire=payload.to_flat_bytes(), numel=n, payload_bytes=payload.nbytes, own=[sent],
                            residuals=_residuals(efs))
         if len(efs) != self.K:  # the quorum's size changed since this fragment's last round
@@ -191,10 +242,10 @@ class PseudoGradExchange:
                 padded = torch.zeros(chunk, dtype=torch.float32, device=delta.device)
                 padded[:piece.numel()] = piece
                 piece = padded
-            payload, sent = efs[j].step(piece, self.compressor)
-            wire.append(payload.to_flat_bytes())
+            payload, sent = efs[j].step(piece, self.compressor_for(fragment_id, j, encoder=True))
+            wire.append(self.padded_chunk(fragment_id, payload.to_flat_bytes(), chunk))
             own.append(sent)
-            nbytes += payload.nbytes
+            nbytes += wire[-1].numel()
         return Encoded(wire=wire, numel=n, payload_bytes=nbytes, own=own, residuals=_residuals(efs))
 
     def send(self, fragment_id: int, enc: Encoded) -> Handle:
@@ -206,7 +257,7 @@ class PseudoGradExchange:
         if self.cfg.collective == "two_phase":
             return _TwoPhase(self, fragment_id, enc, self.comm.all_to_all(enc.wire))
         work = self.comm.all_gather(enc.wire)
-        own, numel, k, c, comm = enc.own[0], enc.numel, self.comm.rank, self.compressor, self.comm
+        own, numel, k, c, comm = enc.own[0], enc.numel, self.comm.rank, self.compressor_for(fragment_id), self.comm
         return Handle(lambda: _mean_of_payloads(c, work.wait(), numel, k, own, comm.mean_divisor()), work.test)
 
     def snapshot_ef(self, fragment_id: int) -> list[torch.Tensor | None]:

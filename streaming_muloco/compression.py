@@ -50,7 +50,7 @@ __all__ = [
     "pack_bits", "unpack_bits", "has_nonfinite",
 ]
 
-METHODS = ("none", "linear", "statistical", "e3m0", "topk")
+METHODS = ("none", "linear", "statistical", "e3m0", "topk", "sparse")
 META_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CPU_CHUNK = 2**19  # elements per cache-sized chunk of elementwise work on CPU (2 MiB of fp32)
 DEVICE_CHUNK = 2**24  # elsewhere: few launches, and scratch bounded at ~14 bytes × 16M

@@ -11,6 +11,7 @@ import torch
 
 from .compression import METHODS, META_DTYPES, Compressor, IdentityCompressor, TopKCompressor
 from .quantizers import E3M0Quantizer, LinearQuantizer, StatisticalQuantizer
+from .sparse import SparseQuantizer
 
 __all__ = ["make_compressor"]
 
@@ -21,9 +22,11 @@ def make_compressor(method: str, bits: int = 8, block_size: int = 256, topk_frac
 
     Args:
         method: one of METHODS.
-        bits: 2, 4 or 8 for "linear" and "statistical"; 4 for "e3m0"; ignored for "none"/"topk".
-        block_size: elements per block (one set of metadata each) for the block quantizers.
-        topk_fraction: share of elements "topk" sends, in (0, 1].
+        bits: 2, 4 or 8 for "linear" and "statistical"; 4 for "e3m0"; 2 for "sparse"; ignored for
+            "none"/"topk".
+        block_size: elements per block (one set of metadata each) for the block quantizers; the
+            chunk length of "sparse" (4096 suits it: see `sparse.py`).
+        topk_fraction: share of elements "topk" sends, and of each chunk "sparse" sends, in (0, 1].
         stat_clip: "statistical" bins span mean ± stat_clip·σ (the MuLoCo code uses 6).
         meta_dtype: dtype of per-block metadata: bfloat16 (default; fp32 range), float16 (finer,
             but |values| must stay below 65504) or float32.
@@ -42,4 +45,6 @@ def make_compressor(method: str, bits: int = 8, block_size: int = 256, topk_frac
         if bits != 4:
             raise ValueError(f"bits ({bits}) must be 4 for method 'e3m0' (1 sign + 3 exponent bits)")
         return E3M0Quantizer(block_size, meta_dtype)
+    if method == "sparse":
+        return SparseQuantizer(block_size, topk_fraction, meta_dtype, bits=bits)
     raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")

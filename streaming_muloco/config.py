@@ -30,7 +30,7 @@ SECTION = "streaming_muloco"
 class CompressionConfig:
     """How pseudo-gradients are compressed on the wire (docs/design.md §1 and §5)."""
 
-    method: Literal["none", "linear", "statistical", "e3m0", "topk"] = "none"
+    method: Literal["none", "linear", "statistical", "e3m0", "topk", "sparse"] = "none"
     bits: int = 8
     block_size: int = 256
     topk_fraction: float = 0.01
@@ -40,16 +40,36 @@ class CompressionConfig:
     # effective outer lr is outer_lr squared; true reproduces that.
     ef_scale_by_outer_lr: bool = False
     collective: Literal["single_phase", "two_phase"] = "single_phase"
+    # Parameter-aware compression (segments.py): "row" quantizes each parameter row by row,
+    # "block" in blocks inside each parameter, "flat" in blocks of the whole flat shard.
+    granularity: Literal["row", "block", "flat"] = "flat"
+    stat_clip: float = 6.0  # "statistical": bins span mean ± stat_clip·σ (MuLoCo's code: 6)
+    compress_vectors: bool = False  # norms and biases: fp32 on the wire unless true
+    compress_embedding: bool = True
+    compress_head: bool = True
+    # Compress in a worker thread while training goes on; the launch follows in start order.
+    # Single-phase exchanges of a single job; two-phase and fault-tolerant runs stay inline.
+    background: bool = True
 
     def validate(self, prefix: str) -> None:
+        if self.granularity != "flat" and self.method == "topk":
+            raise ConfigError(f"{prefix}.granularity ({self.granularity!r}) needs a block method (linear, "
+                              f"statistical, e3m0, sparse); whole-shard top-k has no blocks: set granularity "
+                              f"to \"flat\" or use method \"sparse\" (top-k per block)")
         if self.method in ("linear", "statistical") and self.bits not in (2, 4, 8):
             raise ConfigError(f"{prefix}.bits ({self.bits}) must be 2, 4 or 8 for method '{self.method}'")
+        if self.method == "sparse" and self.bits != 2:
+            raise ConfigError(f"{prefix}.bits ({self.bits}) must be 2 for method 'sparse' (sign + magnitude "
+                              f"bit per kept value)")
         if self.method == "e3m0" and self.bits != 4:
             raise ConfigError(f"{prefix}.bits ({self.bits}) must be 4 for method 'e3m0' (4-bit floats)")
         if self.block_size < 1:
             raise ConfigError(f"{prefix}.block_size ({self.block_size}) must be >= 1")
         if not 0.0 < self.topk_fraction <= 1.0:
             raise ConfigError(f"{prefix}.topk_fraction ({self.topk_fraction}) must be in (0, 1]")
+        if not (math.isfinite(self.stat_clip) and self.stat_clip > 0):
+            raise ConfigError(f"{prefix}.stat_clip ({self.stat_clip}) must be a positive number of standard "
+                              f"deviations (the statistical bins span mean ± stat_clip·σ; MuLoCo's code uses 6)")
         if not 0.0 < self.ef_beta <= 1.0:
             raise ConfigError(f"{prefix}.ef_beta ({self.ef_beta}) must be in (0, 1]; 1.0 is classic error feedback")
 

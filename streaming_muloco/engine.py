@@ -199,11 +199,12 @@ class StreamingMuLoCoEngine:
             from .comm import make_backend
             from .outer_sync import OuterSync
             from .sync_observer import SyncObserver
+            from .segments import param_kinds
             from .zero_shard import ZeroShard
 
             named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
             self.fragments = fragments if fragments is not None else plan_fragments(engine.module, cfg)
-            shard = ZeroShard(engine.optimizer, named, self.fragments)
+            shard = ZeroShard(engine.optimizer, named, self.fragments, param_kinds(engine.module))
             if topo.fault_tolerant:
                 from .fault_tolerance import FaultTolerance
 
@@ -264,7 +265,10 @@ class StreamingMuLoCoEngine:
                 "compression": {"method": cfg.compression.method, "bits": cfg.compression.bits,
                                 "block_size": cfg.compression.block_size,
                                 "topk_fraction": cfg.compression.topk_fraction,
-                                "collective": cfg.compression.collective} if cfg.enabled else None,
+                                "collective": cfg.compression.collective,
+                                # only when set, so checkpoints from before the key still resume
+                                **({"granularity": cfg.compression.granularity}
+                                   if cfg.compression.granularity != "flat" else {})} if cfg.enabled else None,
                 "zero_stage": self.engine.zero_optimization_stage(),
                 "scheduler.params.total_num_steps": (sched or {}).get("total_num_steps")}
 

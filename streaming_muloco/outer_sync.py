@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from .collectives import PseudoGradExchange
+from .collectives import Encoded, PseudoGradExchange
 from .comm.base import CommBackend, Handle
 from .compression import has_nonfinite
 from .config import StreamingMuLoCoConfig
@@ -28,6 +30,7 @@ from .errors import NonFiniteError
 from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
 from .outer_state import OuterStateStore
 from .schedule import FragmentSchedule, SyncEvent
+from .segments import ParamExtent
 from .sync_observer import SyncObserver
 
 log = logging.getLogger("streaming_muloco")
@@ -42,6 +45,8 @@ class Shard(Protocol):
 
     def refresh_module_params(self) -> None: ...
 
+    def extents(self, fragment_id: int) -> list[ParamExtent]: ...
+
 
 @dataclass
 class FragmentState:
@@ -51,6 +56,9 @@ class FragmentState:
     own: list[torch.Tensor] | None = None  # this replica's decoded contribution, for the observer
     ef_snapshot: list[torch.Tensor | None] | None = None  # fault tolerance: EF before this round
     started: float = 0.0  # perf_counter at start (fault tolerance: time lost to a dropped sync)
+    encoding: Future | None = None  # background compression: (Encoded, seconds), not launched yet
+    delta: torch.Tensor | None = None  # its pseudo-gradient, for the observer at the launch
+    start_s: float = 0.0  # seconds the start itself took on the training path
 
 
 class OuterSync:
@@ -78,14 +86,34 @@ class OuterSync:
         self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay)
         # theta_g, outer momentum and EF residuals rest here between syncs (outer_state.py)
         self.store = OuterStateStore(cfg.outer_state_device, getattr(shard, "device", torch.device("cpu")))
-        self.exchange = PseudoGradExchange(cfg.compression, comm, num_fragments=cfg.num_fragments,
-                                           outer_lr=cfg.outer_lr, store=self.store)
+        comp = cfg.compression
+        extents = None  # parameter-aware compression needs each fragment shard's layout
+        if comp.method != "none" and comp.granularity != "flat":
+            extents = [shard.extents(p) for p in range(cfg.num_fragments)]
+        self.exchange = PseudoGradExchange(comp, comm, num_fragments=cfg.num_fragments,
+                                           outer_lr=cfg.outer_lr, store=self.store, extents=extents,
+                                           background=self._compresses_in_background(cfg, membership))
+        # Compression off the training path (docs/design.md §5): one worker thread encodes in
+        # start order; the main thread launches each payload in that same order, so every
+        # replica issues its collectives in one order without asking the others.
+        self._encoder = (ThreadPoolExecutor(1, thread_name_prefix="streaming_muloco-encode")
+                         if self.exchange.background else None)
+        self._queue: deque[int] = deque()
         self.fragments = [
             FragmentState(theta_g=self.store.rest(shard.gather(p)),
                           outer_opt=OuterNesterovSGD(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov))
             for p in range(cfg.num_fragments)
         ]
         self.outer_steps = 0
+
+    @staticmethod
+    def _compresses_in_background(cfg: StreamingMuLoCoConfig, membership: Any) -> bool:
+        """Single-phase compressed exchanges only: two-phase launches its second collective from
+        `poke`, whose timing differs per rank, and a fault-tolerant start votes on the quorum
+        and may heal in between; both keep compression inline."""
+        comp = cfg.compression
+        return (comp.background and comp.method != "none" and comp.collective == "single_phase"
+                and membership is None)
 
     def after_inner_step(self, step: int) -> None:
         """Call once per optimizer step with the count of completed inner steps. In a fault-
@@ -123,7 +151,9 @@ class OuterSync:
         (self.start if event.kind == "start" else self.finish)(event.fragment_id, step)
 
     def poke(self) -> None:
-        """Let in-flight collectives progress (MPI moves bytes only inside MPI calls)."""
+        """Launch payloads compressed in the background (in start order), and let in-flight
+        collectives progress (MPI moves bytes only inside MPI calls)."""
+        self._launch_encoded()
         for frag in self.fragments:
             if frag.in_flight is not None:
                 frag.in_flight.poke()
@@ -144,18 +174,52 @@ class OuterSync:
         delta = pseudo_grad(self.store.fetch(frag.theta_g), local, out=local)  # the gathered copy becomes Δ
         if has_nonfinite(delta):
             delta = self._nonfinite(p, step, delta)
-        t_encode = time.perf_counter()
-        enc = self.exchange.encode(p, delta)
-        self.observer.encoded(p, delta, enc.own, enc.residuals, enc.payload_bytes,
-                              compress_s=time.perf_counter() - t_encode)
-        frag.in_flight, frag.own = self.exchange.send(p, enc), enc.own
-        self.observer.launched(p, time.perf_counter() - t0)
+        if self._encoder is not None:
+            frag.encoding, frag.delta = self._encoder.submit(self._timed_encode, p, delta), delta
+            frag.start_s = time.perf_counter() - t0
+            self._queue.append(p)
+            return None
+        enc, compress_s = self._timed_encode(p, delta)
+        frag.start_s = time.perf_counter() - t0 - compress_s
+        self._send(p, enc, delta, compress_s, exposed_s=compress_s)
         return None
+
+    def _timed_encode(self, p: int, delta: torch.Tensor) -> tuple[Encoded, float]:
+        t = time.perf_counter()
+        enc = self.exchange.encode(p, delta)
+        return enc, time.perf_counter() - t
+
+    def _send(self, p: int, enc: Encoded, delta: torch.Tensor, compress_s: float, exposed_s: float) -> None:
+        frag, t0 = self.fragments[p], time.perf_counter()
+        self.observer.encoded(p, delta, enc.own, enc.residuals, enc.payload_bytes, compress_s=compress_s,
+                              exposed_compress_s=exposed_s)
+        frag.in_flight, frag.own = self.exchange.send(p, enc), enc.own
+        self.observer.launched(p, frag.start_s + exposed_s + time.perf_counter() - t0)
+
+    def _launch_encoded(self, until: int | None = None, wait_all: bool = False) -> None:
+        """Launch background-compressed payloads in start order: those already done, plus every
+        one up to fragment `until` (waiting for it), or all of them with `wait_all`."""
+        while self._queue:
+            p = self._queue[0]
+            frag = self.fragments[p]
+            assert frag.encoding is not None
+            if not (wait_all or until is not None or frag.encoding.done()):
+                return
+            t = time.perf_counter()
+            enc, compress_s = frag.encoding.result()  # re-raises what the worker raised
+            exposed = time.perf_counter() - t
+            self._queue.popleft()
+            delta, frag.encoding, frag.delta = frag.delta, None, None
+            self._send(p, enc, delta, compress_s, exposed)
+            if p == until:
+                return
 
     def finish(self, p: int, step: int) -> None:
         frag, t0 = self.fragments[p], time.perf_counter()
         if frag.in_flight is None and self.membership is not None:
             return  # its round was dropped by a whole-job resume (state_dict)
+        if frag.encoding is not None:
+            self._launch_encoded(until=p)
         mean = frag.in_flight.wait()
         waited = time.perf_counter() - t0
         if self.membership is not None and not self.membership.commit(step, p, started=frag.started):
@@ -255,6 +319,7 @@ class OuterSync:
         from the stored value, exactly as the uninterrupted run would have (its sync then
         reports no cosine: the contribution it was measured against is not saved).
         """
+        self._launch_encoded(wait_all=True)
         self.store.synchronize()
         if self.membership is not None:
             # Fault tolerance: the round in flight has not been voted on yet, so it is not saved;

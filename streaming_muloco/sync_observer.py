@@ -96,20 +96,24 @@ class SyncObserver:
         self.launch_s = 0.0  # pseudo-gradient + compression + launch: on the training path
         self.exposed_s = 0.0  # blocked in wait(): what overlap failed to hide
         self.hidden_s = 0.0  # wall time between launch and wait, during which compute ran
-        self.compress_s = 0.0  # error feedback + compression, inside the launch
+        self.compress_s = 0.0  # error feedback + compression, inline or in the background
+        self.compress_exposed_s = 0.0  # of which the training path waited for
         self.apply_s = 0.0  # outer step and write-back into the shard
         self.refresh_s = 0.0  # DeepSpeed's refresh of the module's params from the fp32 shard
         self.syncs = 0
         self._launch: dict[int, tuple[torch.Tensor, float, float]] = {}  # p -> (sums, payload bytes, t)
         self._pending: list[_Pending] = []
-        self._compress_s: dict[int, float] = {}
+        self._compress_s: dict[int, tuple[float, float]] = {}
 
     # -- called by the data path ----------------------------------------------------------
     def encoded(self, fragment_id: int, delta: torch.Tensor, own: Sequence[torch.Tensor] | None,
-                residuals: Sequence[torch.Tensor], payload_bytes: int, compress_s: float = 0.0) -> None:
-        """Before the launch: |Δ|², what compression changed, what error feedback holds."""
+                residuals: Sequence[torch.Tensor], payload_bytes: int, compress_s: float = 0.0,
+                exposed_compress_s: float = 0.0) -> None:
+        """Before the launch: |Δ|², what compression changed, what error feedback holds, and how
+        long compression took and how much of that the training path waited for."""
         self.compress_s += compress_s
-        self._compress_s[fragment_id] = compress_s
+        self.compress_exposed_s += exposed_compress_s
+        self._compress_s[fragment_id] = (compress_s, exposed_compress_s)
         launch = torch.zeros(3, dtype=torch.float64, device=delta.device)
         launch[_DELTA_SQ] = sq_norm([delta])
         if own is not None:
@@ -150,11 +154,13 @@ class SyncObserver:
         else:
             stats[_MEAN_SQ] = sums(mean, mean)[0]
         self.flush(wait=False)
+        compress_s, compress_exposed_s = self._compress_s.pop(fragment_id, (0.0, 0.0))
         handle = self.replica_sum(stats) if self.replica_sum is not None else None
         self._pending.append(_Pending(step, fragment_id, handle if handle is not None else stats, {
             "outer/steps": outer_steps, "outer/sync_seconds": sync_s, "comm/exposed_seconds": waited_s,
             "comm/in_flight_compute_seconds": hidden, "comm/bytes_sent_total": bytes_sent,
-            "comm/payload_bytes": nbytes, "outer/compress_seconds": self._compress_s.pop(fragment_id, 0.0),
+            "comm/payload_bytes": nbytes, "outer/compress_seconds": compress_s,
+            "outer/compress_exposed_seconds": compress_exposed_s,
             "outer/apply_seconds": apply_s}))
 
     # -- reporting -------------------------------------------------------------------------
@@ -188,5 +194,5 @@ class SyncObserver:
         """Totals for result.json (flushes the metrics still in flight)."""
         self.flush()
         return {"comm_exposed_s": self.exposed_s, "comm_hidden_s": self.hidden_s, "comm_launch_s": self.launch_s,
-                "compress_s": self.compress_s, "apply_s": self.apply_s, "refresh_s": self.refresh_s,
+                "compress_s": self.compress_s, "compress_exposed_s": self.compress_exposed_s, "apply_s": self.apply_s, "refresh_s": self.refresh_s,
                 "syncs_finished": self.syncs}

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from .segments import MATRIX, VECTOR, ParamExtent
 
 
 class ZeroShard:
@@ -23,7 +26,7 @@ class ZeroShard:
     """
 
     def __init__(self, ds_optimizer: Any, named_params: list[tuple[str, torch.nn.Parameter]],
-                 fragments: list[list[str]]) -> None:
+                 fragments: list[list[str]], kinds: dict[str, str] | None = None) -> None:
         self.stage3 = hasattr(ds_optimizer, "fp32_partitioned_groups_flat")
         if not (self.stage3 or hasattr(ds_optimizer, "single_partition_of_fp32_groups")):
             raise ValueError(f"the outer loop needs DeepSpeed ZeRO stage 1, 2 or 3 (got optimizer "
@@ -31,6 +34,8 @@ class ZeroShard:
         self.optimizer = ds_optimizer
         by_name = dict(named_params)
         self.params = [[by_name[n] for n in names] for names in fragments]
+        self.names = [list(names) for names in fragments]
+        self.kinds = kinds or {}
         flats = ds_optimizer.fp32_partitioned_groups_flat if self.stage3 else ds_optimizer.single_partition_of_fp32_groups
         self.device = flats[0].device
 
@@ -52,6 +57,25 @@ class ZeroShard:
             mapping = getattr(param, "_hp_mapping", None)
             if mapping is not None:  # None: this rank's partition holds no element of it
                 out.append(mapping.get_hp_fragment().view(-1))
+        return out
+
+    def extents(self, fragment_id: int) -> list[ParamExtent]:
+        """Which elements of which parameter `views(fragment_id)` holds, in the same order (for
+        parameter-aware compression, segments.py)."""
+        out = []
+        opt = self.optimizer
+        for name, param in zip(self.names[fragment_id], self.params[fragment_id]):
+            shape = tuple(getattr(param, "ds_shape", None) or param.shape)
+            kind = self.kinds.get(name, VECTOR if len(shape) < 2 else MATRIX)
+            if self.stage3:
+                _, _, numel = opt.grad_position[opt.get_param_id(param)]
+                rank = dist.get_rank(group=opt.dp_process_group)  # partitions are rank-ordered, equal-sized
+                out.append(ParamExtent(name, kind, shape, rank * numel, numel))
+                continue
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None:
+                addr = mapping.lp_fragment_address
+                out.append(ParamExtent(name, kind, shape, addr.start, addr.numel))
         return out
 
     @property

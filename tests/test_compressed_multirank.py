@@ -12,10 +12,20 @@ pytestmark = pytest.mark.multirank
 TWO_BIT_EF = {**OUTER, "compression": {"method": "linear", "bits": 2, "block_size": 64, "error_feedback": True}}
 STAT4_TWO_PHASE = {**OUTER, "num_fragments": 2, "sync_delay": 1,
                    "compression": {"method": "statistical", "bits": 4, "block_size": 64, "collective": "two_phase"}}
+# Parameter-aware (segments.py): per-row blocks of each parameter's piece of the ZeRO shard,
+# 1-D parameters in fp32; single phase on ZeRO-1, two-phase with P=2 on ZeRO-2.
+TWO_BIT_ROW = {**OUTER, "compression": {**TWO_BIT_EF["compression"], "granularity": "row"}}
+STAT2_ROW_TWO_PHASE = {**OUTER, "num_fragments": 2, "sync_delay": 1,
+                       "compression": {"method": "statistical", "bits": 2, "stat_clip": 2.0,
+                                       "collective": "two_phase", "granularity": "row"}}
 TORCH = {"c2bit": ds_config(MUON, 1, TWO_BIT_EF), "c4stat2p": ds_config(MUON, 2, STAT4_TWO_PHASE),
-         "fp32": ds_config(MUON, 1, OUTER)}
+         "fp32": ds_config(MUON, 1, OUTER), "c2row": ds_config(MUON, 1, TWO_BIT_ROW),
+         "c2row2p": ds_config(MUON, 2, STAT2_ROW_TWO_PHASE),
+         "c2row_inline": ds_config(MUON, 1, {**TWO_BIT_ROW, "compression": {**TWO_BIT_ROW["compression"],
+                                                                            "background": False}})}
 MPI = {"c2bit_mpi": ds_config(MUON, 1, {**TWO_BIT_EF, "comm": {"backend": "mpi"}}),
-       "c4stat2p_mpi": ds_config(MUON, 2, {**STAT4_TWO_PHASE, "comm": {"backend": "mpi"}})}
+       "c4stat2p_mpi": ds_config(MUON, 2, {**STAT4_TWO_PHASE, "comm": {"backend": "mpi"}}),
+       "c2row2p_mpi": ds_config(MUON, 2, {**STAT2_ROW_TWO_PHASE, "comm": {"backend": "mpi"}})}
 
 
 def _run(tmp_path_factory, scenarios, mpi):
@@ -59,7 +69,7 @@ def test_bytes_sent_shrink_by_the_compression_ratio(gloo):
     assert 11 < fp32 / two < 15, fp32 / two
 
 
-@pytest.mark.parametrize("name", ["c2bit", "c4stat2p"])
+@pytest.mark.parametrize("name", ["c2bit", "c4stat2p", "c2row2p"])
 def test_mpi_backend_gives_the_same_compressed_result_as_gloo(gloo, mpi, name):
     for r in range(4):
         for step in range(STEPS):
@@ -84,3 +94,64 @@ def test_each_replica_reports_its_cosine_and_compression_error_for_the_whole_fra
     err = metric(ranks[0], "compress/relative_error")
     assert all(0.0 < v < 1.0 for v in err.values()), err  # 2 bits lose something, not everything
     assert all(v > 0 for v in metric(ranks[0], "compress/ef_residual_norm").values())
+
+
+def test_row_granularity_replicas_agree_and_differ_from_flat_blocks(gloo):
+    """Per-row compression of each parameter's piece of the shard: every rank decodes the same
+    mean (replicas bit-identical after each sync), and it is not the flat-block trajectory."""
+    ranks = gloo["c2row"]
+    for step in range(H, STEPS + 1, H):
+        for r in ranks[1:]:
+            assert max_diff(ranks[0]["snapshots"][step - 1], r["snapshots"][step - 1]) == 0.0
+    assert max_diff(ranks[0]["snapshots"][-1], gloo["c2bit"][0]["snapshots"][-1]) > 0
+    assert all(bool(torch.isfinite(t).all()) for t in ranks[0]["snapshots"][-1].values())
+
+
+def test_shard_extents_tile_every_parameter_once_across_the_replica(gloo):
+    """ZeroShard.extents, read from DeepSpeed's _hp_mapping, match the shard's views and cover
+    each parameter's elements exactly once over the D=2 ranks of a replica."""
+    ranks = gloo["c2row"]
+    covered = {}
+    for rank in ranks[:2]:  # replica 0: shards 0 and 1
+        info = rank["info"]
+        for extents, numels in zip(info["extents"], info["view_numels"]):
+            assert [e[3] for e in extents] == numels
+            for name, _, offset, numel in extents:
+                covered.setdefault(name, []).append((offset, numel))
+    params = ranks[0]["info"]["param_numels"]
+    assert set(covered) == set(params)
+    for name, pieces in covered.items():
+        pieces.sort()
+        assert pieces[0][0] == 0 and sum(n for _, n in pieces) == params[name]
+        assert all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:])), (name, pieces)
+
+
+def test_row_plan_sends_vectors_in_fp32_and_quantizes_matrices_by_row(gloo):
+    info = gloo["c2row"][0]["info"]
+    for extents, plan in zip(info["extents"], info["plans"]):
+        assert sum(n for _, n, _ in plan) == sum(e[3] for e in extents)
+        pos = 0
+        for name, kind, offset, numel in extents:
+            covering = [s for s in plan if s[0] < pos + numel and s[0] + s[1] > pos]
+            if kind == "vector":
+                assert all(s[2] == 0 for s in covering), (name, covering)
+            else:
+                assert all(s[2] > 0 for s in covering), (name, covering)
+            pos += numel
+
+
+def test_background_compression_gives_the_inline_result_bit_for_bit(gloo):
+    """Compressing on a worker thread and launching in start order changes when bytes move,
+    not which: every rank's parameters equal the inline run's at every step."""
+    for bg, inline in zip(gloo["c2row"], gloo["c2row_inline"]):
+        for a, b in zip(bg["snapshots"], inline["snapshots"]):
+            assert max_diff(a, b) == 0.0
+
+
+def test_compression_seconds_and_the_exposed_part_are_reported(gloo):
+    inline = [m for m in gloo["c2row_inline"][0]["info"]["metrics"] if m[0] == "outer/compress_seconds"]
+    exposed = [m for m in gloo["c2row_inline"][0]["info"]["metrics"] if m[0] == "outer/compress_exposed_seconds"]
+    assert inline and len(inline) == len(exposed)
+    assert all(e[2] == c[2] > 0 for c, e in zip(inline, exposed))  # inline: all of it is exposed
+    bg = {m[0] for m in gloo["c2row"][0]["info"]["metrics"]}
+    assert "outer/compress_exposed_seconds" in bg

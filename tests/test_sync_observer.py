@@ -41,6 +41,8 @@ def test_chunked_sums_equal_float64_references_for_pieces_and_differences():
 
 
 def _two_replicas(section: dict, seed: int = 0) -> tuple[list[OuterSync], list[Recorder], list[torch.nn.Linear]]:
+    if "compression" in section:  # one thread drives both replicas: every launch must precede a wait
+        section = {**section, "compression": {"background": False, **section["compression"]}}
     cfg = parse_section({"num_replicas": 2, **section})
     group = InProcessGroup(2)
     models, syncs, recs = [], [], []

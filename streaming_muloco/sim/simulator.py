@@ -20,6 +20,7 @@ The agreement with a real 2-process DeepSpeed job is pinned by tests/test_simula
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from ..fragments import assign_fragments
 from ..metrics import MetricsLogger
 from ..model import GPT, build_model
 from ..outer_sync import OuterSync
+from ..segments import MATRIX, VECTOR, ParamExtent, param_kinds
 from ..sync_observer import SyncObserver
 from .inner_optimizer import InnerOptimizer
 from .inprocess import InProcessBackend, InProcessGroup
@@ -46,10 +48,18 @@ class ModuleShard:
     """ZeroShard's interface over a plain module's parameters: with D = 1 a shard is the whole
     fragment, and the module's own fp32 params are the masters (nothing to refresh)."""
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], fragments: list[list[str]]) -> None:
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], fragments: list[list[str]],
+                 kinds: dict[str, str] | None = None) -> None:
         by_name = dict(named_params)
         self.params = [[by_name[n] for n in names] for names in fragments]
+        self.names = [list(names) for names in fragments]
+        self.kinds = kinds or {}
         self.numels = [sum(p.numel() for p in params) for params in self.params]
+
+    def extents(self, fragment_id: int) -> list[ParamExtent]:
+        """Every parameter whole, in fragment order (D = 1)."""
+        return [ParamExtent(n, self.kinds.get(n, VECTOR if p.dim() < 2 else MATRIX), tuple(p.shape), 0, p.numel())
+                for n, p in zip(self.names[fragment_id], self.params[fragment_id])]
 
     @torch.no_grad()
     def gather(self, fragment_id: int) -> torch.Tensor:
@@ -79,11 +89,16 @@ class _Run:
         self.outer: list[OuterSync] = []
         self.pool = ThreadPoolExecutor(max_workers=K) if threads and K > 1 else None
         if cfg.enabled:
+            # Compress inline: the replicas take turns on one thread, and each event must have
+            # launched every replica's collective before any waits. Background compression
+            # changes when a payload is launched, not its bytes (tests/test_compressed_multirank.py).
+            cfg = dataclasses.replace(cfg, compression=dataclasses.replace(cfg.compression, background=False))
             group = InProcessGroup(K, wait_timeout_s=cfg.comm.timeout_s if self.pool else 0.0)
             for k, m in enumerate(self.models):
                 named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
                 frags = assign_fragments([n for n, _ in named], cfg.num_fragments, strategy=cfg.fragment_strategy)
-                self.outer.append(OuterSync(cfg, k, ModuleShard(named, frags), InProcessBackend(group, k),
+                shard = ModuleShard(named, frags, param_kinds(m))
+                self.outer.append(OuterSync(cfg, k, shard, InProcessBackend(group, k),
                                             SyncObserver(MetricsLogger())))
 
     def close(self) -> None:

@@ -66,6 +66,13 @@ def main() -> None:
                 "outer_state": {"on_host": engine.outer.store.on_host,
                                 "bytes": engine.outer.state_nbytes()["total"]} if engine.outer else None}
         if engine.outer:
+            shard = engine.outer.shard
+            info["extents"] = [[(e.name, e.kind, e.offset, e.numel) for e in shard.extents(p)]
+                               for p in range(len(shard.params))]
+            info["view_numels"] = [[v.numel() for v in shard.views(p)] for p in range(len(shard.params))]
+            info["param_numels"] = {n: p.numel() for n, p in engine.module.named_parameters()}
+            plans = engine.outer.exchange.plans
+            info["plans"] = None if plans is None else [[(s.start, s.numel, s.block) for s in plan] for plan in plans]
             engine.outer.observer.summary()  # the last sync's metrics arrive here
         info["metrics"] = metrics.rows
         torch.save({"snapshots": snapshots, "info": info}, out / f"{sc['name']}.rank{rank}.pt")
