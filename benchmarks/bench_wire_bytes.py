@@ -6,6 +6,7 @@ wire_bytes`). DDP's figure is the ring all-reduce of every fp32 gradient every s
 2*(W-1)/W*4*N bytes per rank per step, for the same model and world size.
 
     python benchmarks/bench_wire_bytes.py --ranks 4 --sync-every 30 --steps 60 --json out.json
+    # a row's own --ds-config (the shipped compressed configs) comes after the default one and wins
 """
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ METHODS = {
     "MuLoCo 2-bit linear EF": ["--set", 'streaming_muloco.compression={"method":"linear","bits":2}'],
     "MuLoCo 2-bit linear EF, two-phase": [
         "--set", 'streaming_muloco.compression={"method":"linear","bits":2,"collective":"two_phase"}'],
+    # the shipped configs (compression section and, for sparse, its outer-optimizer keys)
+    "MuLoCo 2-bit shipped (statistical, per row)": ["--ds-config", "ds_configs/muloco_2bit_ef_cpu.json"],
+    "MuLoCo sparse 2-bit shipped (3% per 4096-chunk)": ["--ds-config", "ds_configs/muloco_sparse_cpu.json"],
+    "MuLoCo sparse 2-bit shipped, two-phase": ["--ds-config", "ds_configs/muloco_sparse_cpu.json",
+                                               "--set", "streaming_muloco.compression.collective=two_phase"],
+    "MuLoCo sparse 2-bit, 1% per chunk": ["--ds-config", "ds_configs/muloco_sparse_cpu.json",
+                                          "--set", "streaming_muloco.compression.topk_fraction=0.01"],
 }
 
 
@@ -38,10 +46,14 @@ def main() -> int:
     ap.add_argument("--sync-every", type=int, default=30)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(";")],
+                    help="only these rows, separated by ';' (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     for name, extra in METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
         with tempfile.TemporaryDirectory() as out:
             argv = ["-m", "streaming_muloco.train", "--ds-config", "ds_configs/muloco_cpu.json", "--model", args.model,
                     "--steps", str(args.steps), "--eval-every", str(args.steps), "--eval-batches", "1", "--no-save",

@@ -32,9 +32,8 @@ LONG = Settings(steps=3000, sync_every=30, global_batch=16, block=64, eval_every
 SEEDS = (1, 2, 3)
 # rows of the table: (label, quality_sweep method, the tuned rates of which method)
 ROWS = [("MuLoCo fp32", "MuLoCo", "MuLoCo"),
-        ("MuLoCo 4-bit (shipped)", "MuLoCo 4-bit shipped", "MuLoCo"),
         ("MuLoCo 2-bit (shipped)", "MuLoCo 2-bit shipped", "MuLoCo"),
-        ("MuLoCo 2-bit flat statistical (before)", "MuLoCo 2-bit EF", "MuLoCo"),
+        ("MuLoCo 4-bit (shipped)", "MuLoCo 4-bit shipped", "MuLoCo"),
         ("MuLoCo sparse 2-bit (shipped)", "MuLoCo sparse shipped", "config"),
         ("DiLoCo fp32", "DiLoCo", "DiLoCo"),
         ("DiLoCo 2-bit", "DiLoCo 2-bit shipped", "DiLoCo")]
@@ -48,7 +47,7 @@ def best_rates() -> dict[str, Hyper]:
 
 
 def grid() -> list[tuple[str, int, int]]:
-    return [(label, k, seed) for k in LONG.ks for label, _, _ in ROWS for seed in SEEDS]
+    return [(label, k, seed) for k in LONG.ks for seed in SEEDS for label, _, _ in ROWS]
 
 
 def report(rows: list[dict]) -> str:

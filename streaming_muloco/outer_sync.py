@@ -219,7 +219,8 @@ class OuterSync:
         if frag.in_flight is None and self.membership is not None:
             return  # its round was dropped by a whole-job resume (state_dict)
         if frag.encoding is not None:
-            self._launch_encoded(until=p)
+            self._launch_encoded(until=p)  # that wait is compression's, reported as such
+            t0 = time.perf_counter()
         mean = frag.in_flight.wait()
         waited = time.perf_counter() - t0
         if self.membership is not None and not self.membership.commit(step, p, started=frag.started):
