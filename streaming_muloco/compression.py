@@ -29,8 +29,8 @@ Design choices that matter for the wire:
   size (largest first) so every view is aligned and `to_flat_bytes()` costs no copy.
 - Rounding is to nearest, never stochastic, and decoding a payload is deterministic, so every
   rank that receives it gets bit-identical values (on CUDA the statistical bin means are summed
-  with atomics: the payload may differ in the last bits from run to run, but all ranks decode
-  the one that was sent).
+  in an order the device picks (atomics for 8 bits, `embedding_bag` for 2 and 4): the payload
+  may differ in the last bits from run to run, but all ranks decode the one that was sent).
 - All math stays on the input's device and is vectorised, in chunks of at most CPU_CHUNK (CPU) or
   DEVICE_CHUNK elements. Temporaries live in scratch buffers a compressor keeps and reuses
   across calls (on CPU, page faults of fresh allocations cost more than the math): at most ~14

@@ -10,12 +10,13 @@ from streaming_muloco import compression
 from streaming_muloco.compression import (
     METHODS,
     Compressor,
+    Payload,
     has_nonfinite,
     pack_bits,
     unpack_bits,
 )
 from streaming_muloco.compressors import make_compressor
-from streaming_muloco.quantizers import e3m0_table, round_down, round_up
+from streaming_muloco.quantizers import Blocks, e3m0_table, round_down, round_up
 
 ALL = [("none", 8), ("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 8), ("statistical", 4),
        ("statistical", 2), ("e3m0", 4), ("topk", 8)]
@@ -223,6 +224,50 @@ def test_statistical_empty_bins_carry_finite_centres() -> None:
     p = c.compress(x)
     assert torch.isfinite(p.meta).all()
     torch.testing.assert_close(c.decompress(p), x)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block", [64, 256, 1000])
+def test_statistical_codes_and_bin_means_match_a_per_block_reference(bits: int, block: int) -> None:
+    """Per block (and the tail block): code = the bin of mean ± clip·σ a value falls in (end bins
+    open), meta = the mean of the values with each code, or the bin's centre when none has it."""
+    nbins, clip = 2**bits, 6.0
+    g = torch.Generator().manual_seed(block + bits)
+    n = 5 * block + block // 3 + 1
+    x = torch.randn(n, generator=g) * (torch.rand(n, generator=g) * 3 + 0.1) + 0.5
+    x[::17] *= 40  # outliers beyond ±clip·σ of most blocks: the end bins
+    c = comp("statistical", bits, block, stat_clip=clip, meta_dtype=torch.float32)
+    p = c.compress(x)
+    codes, means = unpack_bits(p.codes, bits, n).long(), p.meta.view(-1, nbins).double()
+    for b, start in enumerate(range(0, n, block)):
+        xb, cb = x[start:start + block].double(), codes[start:start + block]
+        mu, width = xb.mean(), 2 * clip * xb.std(unbiased=False) / nbins
+        t = (xb - mu) / width + nbins / 2
+        ref = t.floor().clamp(0, nbins - 1).long()
+        off_edge = (t - t.round()).abs() > 1e-4  # fp32 rounding may only move values on a bin edge
+        assert torch.equal(cb[off_edge], ref[off_edge]) and (cb - ref).abs().max() <= 1
+        want = torch.stack([xb[cb == j].mean() if (cb == j).any() else mu + (j + 0.5 - nbins / 2) * width
+                            for j in range(nbins)])
+        torch.testing.assert_close(means[b], want, rtol=1e-5, atol=1e-6 * xb.abs().max().item())
+    assert torch.equal(c.decompress(p).double(), means[torch.arange(n) // block, codes])
+
+
+@pytest.mark.parametrize("other", [64, 1000])
+@pytest.mark.parametrize("method,bits", [("statistical", 2), ("statistical", 4), ("e3m0", 4)])
+def test_block_quantizers_follow_the_blocks_they_are_given(method: str, bits: int, other: int) -> None:
+    """A wrapper (segments.py) calls the hooks with its own block size, e.g. a row length."""
+    c, ref = comp(method, bits, 256), comp(method, bits, other)
+    n = 3 * other + 37
+    x = torch.randn(n, generator=torch.Generator().manual_seed(other))
+    layout = c.block_layout(n, other)
+    nbytes = sum(m * torch.empty(0, dtype=dt).element_size() for _, dt, m in layout)
+    p = Payload.from_flat_bytes(torch.empty(nbytes, dtype=torch.uint8), layout, method=c.method, numel=n,
+                                bits=c.bits, block_size=other)
+    c._quantize(x, p, Blocks(n, other, x.device))
+    y = torch.empty(n)
+    c._dequantize(p, y, Blocks(n, other, x.device))
+    assert torch.equal(p.to_flat_bytes(), ref.compress(x).to_flat_bytes())
+    assert torch.equal(y, ref.decompress(ref.compress(x)))
 
 
 @pytest.mark.parametrize("block", [5, 64, 256])
