@@ -18,7 +18,12 @@ TWO_BIT_ROW = {**OUTER, "compression": {**TWO_BIT_EF["compression"], "granularit
 STAT2_ROW_TWO_PHASE = {**OUTER, "num_fragments": 2, "sync_delay": 1,
                        "compression": {"method": "statistical", "bits": 2, "stat_clip": 2.0,
                                        "collective": "two_phase", "granularity": "row"}}
-TORCH = {"c2bit": ds_config(MUON, 1, TWO_BIT_EF), "c4stat2p": ds_config(MUON, 2, STAT4_TWO_PHASE),
+# Sparse 2-bit (sparse.py) in chunks of 1024 inside each parameter piece of the ZeRO-2 shard,
+# SparseLoCo's outer settings (EF beta 0.95 as the momentum, outer momentum 0).
+SPARSE = {**OUTER, "outer_momentum": 0.0, "outer_lr": 1.0,
+          "compression": {"method": "sparse", "bits": 2, "block_size": 1024, "topk_fraction": 0.03,
+                          "ef_beta": 0.95, "granularity": "block", "compress_vectors": True}}
+TORCH = {"c2bit": ds_config(MUON, 1, TWO_BIT_EF), "csparse": ds_config(MUON, 2, SPARSE), "c4stat2p": ds_config(MUON, 2, STAT4_TWO_PHASE),
          "fp32": ds_config(MUON, 1, OUTER), "c2row": ds_config(MUON, 1, TWO_BIT_ROW),
          "c2row2p": ds_config(MUON, 2, STAT2_ROW_TWO_PHASE),
          "c2row_inline": ds_config(MUON, 1, {**TWO_BIT_ROW, "compression": {**TWO_BIT_ROW["compression"],
@@ -155,3 +160,15 @@ def test_compression_seconds_and_the_exposed_part_are_reported(gloo):
     assert all(e[2] == c[2] > 0 for c, e in zip(inline, exposed))  # inline: all of it is exposed
     bg = {m[0] for m in gloo["c2row"][0]["info"]["metrics"]}
     assert "outer/compress_exposed_seconds" in bg
+
+
+def test_sparse_replicas_agree_after_each_sync_and_send_a_fraction_of_the_bytes(gloo):
+    ranks = gloo["csparse"]
+    for step in range(H, STEPS + 1, H):
+        for r in ranks[1:]:
+            assert max_diff(ranks[0]["snapshots"][step - 1], r["snapshots"][step - 1]) == 0.0
+    assert all(bool(torch.isfinite(t).all()) for t in ranks[0]["snapshots"][-1].values())
+    fp32, sparse = gloo["fp32"][0]["info"]["bytes_sent"], ranks[0]["info"]["bytes_sent"]
+    # 3% of each 1024-chunk at 2 + 10 bits, two bf16 levels per chunk: ~0.39 bits per element of
+    # 32 (all-gather at K=2 sends one payload, the fp32 all-reduce one vector); vectors fp32 too.
+    assert 40 < fp32 / sparse < 90, fp32 / sparse
