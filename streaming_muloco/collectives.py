@@ -133,14 +133,15 @@ class PseudoGradExchange:
         self.store = store
         self.comm = comm
         self.K = comm.size
-        self.compressor = None if cfg.method == "none" else make_compressor(cfg.method, cfg.bits, cfg.block_size,
-                                                                            cfg.topk_fraction, stat_clip=cfg.stat_clip)
+        def new_compressor() -> Compressor:
+            return make_compressor(cfg.method, cfg.bits, cfg.block_size, cfg.topk_fraction, stat_clip=cfg.stat_clip)
+
+        self.compressor = None if cfg.method == "none" else new_compressor()
         # `encode` may run on a worker thread (outer_sync.py) while the training thread decodes
         # another fragment's payloads: a compressor's scratch buffers are not thread-safe, so
         # the encoder is then an instance of its own.
         self.background = background and self.compressor is not None
-        self._encoder = (make_compressor(cfg.method, cfg.bits, cfg.block_size, cfg.topk_fraction,
-                                         stat_clip=cfg.stat_clip) if self.background else self.compressor)
+        self._encoder = new_compressor() if self.background else self.compressor
         # Parameter-aware compression (segments.py): one segment plan per fragment shard, and
         # a compressor per (fragment, two-phase chunk, K), made when first needed.
         self.plans = None

@@ -47,7 +47,7 @@ import torch
 
 __all__ = [
     "METHODS", "META_DTYPES", "Compressor", "Payload", "IdentityCompressor", "TopKCompressor",
-    "pack_bits", "unpack_bits", "has_nonfinite",
+    "pack_bits", "unpack_bits", "has_nonfinite", "layout_nbytes", "kept_count",
 ]
 
 METHODS = ("none", "linear", "statistical", "e3m0", "topk", "sparse")
@@ -92,7 +92,7 @@ class Payload:
     def from_flat_bytes(cls, buf: torch.Tensor, layout: Layout, *, method: str, numel: int,
                         bits: int, block_size: int) -> Payload:
         """Views into a received uint8 buffer laid out as `layout` (see `Compressor.layout`)."""
-        need = sum(n * _itemsize(dt) for _, dt, n in layout)
+        need = layout_nbytes(layout)
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != need:
             raise ValueError(f"payload buffer must be 1-D uint8 of {need} bytes for method '{method}' "
                              f"and numel {numel}; got {buf.dtype} of shape {tuple(buf.shape)}")
@@ -110,6 +110,19 @@ class Payload:
 
 def _itemsize(dt: torch.dtype) -> int:
     return torch.empty(0, dtype=dt).element_size()
+
+
+def layout_nbytes(layout: Layout) -> int:
+    """Bytes of a payload laid out as `layout`."""
+    return sum(n * _itemsize(dt) for _, dt, n in layout)
+
+
+def kept_count(fraction: float, numel: int) -> int:
+    """Elements a top-k method keeps of `numel`: max(1, ceil(fraction·numel)), 0 for none; the
+    1e-9 slack stops float noise (0.07·100 = 7.000000000000001) adding one."""
+    if numel <= 0:
+        return 0
+    return min(numel, max(1, math.ceil(fraction * numel - 1e-9)))
 
 
 def make_layout(codes: tuple[torch.dtype, int], meta: tuple[torch.dtype, int],
@@ -170,7 +183,7 @@ class Compressor:
 
     def payload_nbytes(self, numel: int) -> int:
         """Bytes of the payload of a `numel`-element tensor: known before compressing."""
-        return sum(n * _itemsize(dt) for _, dt, n in self.layout(numel))
+        return layout_nbytes(self.layout(numel))
 
     def unflatten(self, buf: torch.Tensor, numel: int) -> Payload:
         """The payload in a received flat buffer (the inverse of `Payload.to_flat_bytes`)."""
@@ -188,7 +201,7 @@ class Compressor:
     def _alloc(self, numel: int, device: torch.device) -> Payload:
         """An uninitialised payload whose parts are views of one fresh flat buffer."""
         layout = self.layout(numel)
-        flat = torch.empty(sum(n * _itemsize(dt) for _, dt, n in layout), dtype=torch.uint8, device=device)
+        flat = torch.empty(layout_nbytes(layout), dtype=torch.uint8, device=device)
         return Payload.from_flat_bytes(flat, layout, method=self.method, numel=numel, bits=self.bits,
                                        block_size=self.block_size)
 
@@ -338,10 +351,8 @@ class TopKCompressor(Compressor):
         self.fraction = float(fraction)
 
     def k(self, numel: int) -> int:
-        """Elements kept; the 1e-9 slack stops float noise (0.07·100 = 7.000000000000001) adding one."""
-        if numel == 0:
-            return 0
-        return min(numel, max(1, math.ceil(self.fraction * numel - 1e-9)))
+        """Elements kept (`kept_count`)."""
+        return kept_count(self.fraction, numel)
 
     def layout(self, numel: int) -> Layout:
         if numel > _MAX_INT32:

@@ -25,7 +25,7 @@ from typing import Iterable
 
 import torch
 
-from .compression import Compressor, Layout, Payload, make_layout
+from .compression import Compressor, Layout, Payload, layout_nbytes, make_layout
 from .param_roles import layer_shape, split_roles
 from .quantizers import Blocks, _BlockQuantizer
 
@@ -64,6 +64,12 @@ def param_kind(reason: str, shape: tuple[int, ...]) -> str:
     if len(shape) < 2:
         return VECTOR
     return {"embedding": EMBEDDING, "output head": HEAD}.get(reason, MATRIX)
+
+
+def kind_for(kinds: dict[str, str], name: str, shape: tuple[int, ...]) -> str:
+    """`name`'s kind from `kinds` (see `param_kinds`), or from its shape alone when it is not
+    there (a shard built without the model's roles)."""
+    return kinds.get(name) or param_kind("", shape)
 
 
 def plan_segments(extents: Iterable[ParamExtent], granularity: str, block_size: int,
@@ -153,8 +159,7 @@ class SegmentedCompressor(Compressor):
         off = 0
         for seg in segments:
             layout = None if seg.block == 0 else quantizer.block_layout(seg.numel, seg.block)
-            size = 4 * seg.numel if layout is None else sum(n * torch.empty(0, dtype=dt).element_size()
-                                                            for _, dt, n in layout)
+            size = 4 * seg.numel if layout is None else layout_nbytes(layout)
             self._parts.append((seg, off, size, layout))
             off += -(-size // _ALIGN) * _ALIGN
         self._nbytes = off

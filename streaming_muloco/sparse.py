@@ -51,7 +51,7 @@ import math
 import numpy as np
 import torch
 
-from .compression import META_DTYPES, Layout, Payload, make_layout, unpack_into
+from .compression import META_DTYPES, Layout, Payload, kept_count, layout_nbytes, make_layout, unpack_into
 from .quantizers import Blocks, _BlockQuantizer
 
 __all__ = ["SparseQuantizer", "pack_uints", "unpack_uints"]
@@ -98,10 +98,8 @@ class SparseQuantizer(_BlockQuantizer):
 
     # -- geometry ----------------------------------------------------------------------------
     def k(self, length: int) -> int:
-        """Entries kept in a chunk of `length`; the 1e-9 slack stops float noise adding one."""
-        if length <= 0:
-            return 0
-        return min(length, max(1, math.ceil(self.fraction * length - 1e-9)))
+        """Entries kept in a chunk of `length` (the rule of method "topk": `kept_count`)."""
+        return kept_count(self.fraction, length)
 
     @staticmethod
     def index_bits(block_size: int) -> int:
@@ -122,8 +120,7 @@ class SparseQuantizer(_BlockQuantizer):
     def bits_per_element(self, numel: int, block_size: int | None = None) -> float:
         """Wire bits per input element (codes + metadata + indices)."""
         b = self.block_size if block_size is None else block_size
-        nbytes = sum(n * torch.empty(0, dtype=dt).element_size() for _, dt, n in self.block_layout(numel, b))
-        return 8.0 * nbytes / max(1, numel)
+        return 8.0 * layout_nbytes(self.block_layout(numel, b)) / max(1, numel)
 
     # -- encode ------------------------------------------------------------------------------
     def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:

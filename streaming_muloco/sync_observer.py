@@ -194,5 +194,5 @@ class SyncObserver:
         """Totals for result.json (flushes the metrics still in flight)."""
         self.flush()
         return {"comm_exposed_s": self.exposed_s, "comm_hidden_s": self.hidden_s, "comm_launch_s": self.launch_s,
-                "compress_s": self.compress_s, "compress_exposed_s": self.compress_exposed_s, "apply_s": self.apply_s, "refresh_s": self.refresh_s,
-                "syncs_finished": self.syncs}
+                "compress_s": self.compress_s, "compress_exposed_s": self.compress_exposed_s,
+                "apply_s": self.apply_s, "refresh_s": self.refresh_s, "syncs_finished": self.syncs}

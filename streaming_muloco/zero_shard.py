@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .segments import MATRIX, VECTOR, ParamExtent
+from .param_roles import layer_shape
+from .segments import ParamExtent, kind_for
 
 
 class ZeroShard:
@@ -64,12 +65,13 @@ class ZeroShard:
         parameter-aware compression, segments.py)."""
         out = []
         opt = self.optimizer
+        # ZeRO-3 partitions are rank-ordered and equal-sized
+        rank = dist.get_rank(group=opt.dp_process_group) if self.stage3 else 0
         for name, param in zip(self.names[fragment_id], self.params[fragment_id]):
-            shape = tuple(getattr(param, "ds_shape", None) or param.shape)
-            kind = self.kinds.get(name, VECTOR if len(shape) < 2 else MATRIX)
+            shape = layer_shape(param)
+            kind = kind_for(self.kinds, name, shape)
             if self.stage3:
                 _, _, numel = opt.grad_position[opt.get_param_id(param)]
-                rank = dist.get_rank(group=opt.dp_process_group)  # partitions are rank-ordered, equal-sized
                 out.append(ParamExtent(name, kind, shape, rank * numel, numel))
                 continue
             mapping = getattr(param, "_hp_mapping", None)

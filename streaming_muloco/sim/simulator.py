@@ -36,7 +36,7 @@ from ..fragments import assign_fragments
 from ..metrics import MetricsLogger
 from ..model import GPT, build_model
 from ..outer_sync import OuterSync
-from ..segments import MATRIX, VECTOR, ParamExtent, param_kinds
+from ..segments import ParamExtent, kind_for, param_kinds
 from ..sync_observer import SyncObserver
 from .inner_optimizer import InnerOptimizer
 from .inprocess import InProcessBackend, InProcessGroup
@@ -58,7 +58,7 @@ class ModuleShard:
 
     def extents(self, fragment_id: int) -> list[ParamExtent]:
         """Every parameter whole, in fragment order (D = 1)."""
-        return [ParamExtent(n, self.kinds.get(n, VECTOR if p.dim() < 2 else MATRIX), tuple(p.shape), 0, p.numel())
+        return [ParamExtent(n, kind_for(self.kinds, n, tuple(p.shape)), tuple(p.shape), 0, p.numel())
                 for n, p in zip(self.names[fragment_id], self.params[fragment_id])]
 
     @torch.no_grad()
