@@ -70,7 +70,7 @@ def main() -> None:
             info["extents"] = [[(e.name, e.kind, e.offset, e.numel) for e in shard.extents(p)]
                                for p in range(len(shard.params))]
             info["view_numels"] = [[v.numel() for v in shard.views(p)] for p in range(len(shard.params))]
-            info["param_numels"] = {n: p.numel() for n, p in engine.module.named_parameters()}
+            info["param_numels"] = {n: getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()}
             plans = engine.outer.exchange.plans
             info["plans"] = None if plans is None else [[(s.start, s.numel, s.block) for s in plan] for plan in plans]
             engine.outer.observer.summary()  # the last sync's metrics arrive here
