@@ -153,6 +153,8 @@ class PseudoGradExchange:
             self.plans = [plan_segments(e, cfg.granularity, cfg.block_size, kinds) for e in extents]
         self._segmented: dict[tuple[int, int, int, bool], Compressor] = {}
         scale = outer_lr if cfg.ef_scale_by_outer_lr else 1.0
+        # s: the mean this exchange returns is the average of s·Δ (eager updates scale theirs alike)
+        self.delta_scale = scale if self.compressor is not None else 1.0
 
         def ef() -> ErrorFeedback:
             return ErrorFeedback(beta=cfg.ef_beta, enabled=cfg.error_feedback, scale=scale, store=store)

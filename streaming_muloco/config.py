@@ -141,6 +141,10 @@ class StreamingMuLoCoConfig:
     num_fragments: int = 1  # P
     sync_delay: int = 0  # tau
     mix_alpha: float = 0.0  # alpha
+    # Eager updates (Kale et al., arXiv 2502.12996; docs/design.md §3): the outer step is taken
+    # at the sync point with this replica's fresh pseudo-gradient standing in for its share of
+    # the average, whose others' part arrives one round later; sync_delay may then reach H.
+    eager_updates: bool = False
     fragment_strategy: Literal["strided", "sequential"] = "strided"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -170,10 +174,13 @@ class StreamingMuLoCoConfig:
                               f"each fragment needs its own start step; lower num_fragments or raise sync_every")
         if self.sync_delay < 0:
             raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be >= 0; use 0 for no overlap")
-        if self.sync_delay >= self.sync_every / self.num_fragments:
+        if self.eager_updates:
+            self._validate_eager()
+        elif self.sync_delay >= self.sync_every / self.num_fragments:
             raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be < sync_every/num_fragments "
                               f"({self.sync_every / self.num_fragments:g}): a fragment must finish before the next "
-                              f"one starts; lower sync_delay or num_fragments")
+                              f"one starts; lower sync_delay or num_fragments, or set {p}.eager_updates to true "
+                              f"(it allows up to sync_every)")
         if not 0.0 <= self.mix_alpha <= 1.0:
             raise ConfigError(f"{p}.mix_alpha ({self.mix_alpha}) must be in [0, 1]: 0 restarts each replica from "
                               f"the outer result (DiLoCo), 1 keeps its local progress")
@@ -187,6 +194,29 @@ class StreamingMuLoCoConfig:
         self.fault_tolerance.validate(f"{p}.fault_tolerance")
         if self.fault_tolerance.enabled:
             self._validate_fault_tolerance()
+
+    def _validate_eager(self) -> None:
+        """Eager updates overlap up to a whole fragment period, and take the outer step at the sync
+        point, so nothing is left to mix at the finish."""
+        p = SECTION
+        if self.sync_delay > self.sync_every:
+            raise ConfigError(f"{p}.sync_delay ({self.sync_delay}) must be <= sync_every ({self.sync_every}) with "
+                              f"{p}.eager_updates: a fragment's average must arrive by its next sync point")
+        if self.mix_alpha != 0.0:
+            raise ConfigError(f"{p}.mix_alpha ({self.mix_alpha}) must be 0 with {p}.eager_updates: the outer step "
+                              f"is taken at the sync point, before any overlap step, so there is no local "
+                              f"progress to mix in; remove mix_alpha or set eager_updates to false")
+        if (self.compression.collective == "two_phase" and self.compression.method != "none"
+                and self.sync_delay >= self.sync_every / self.num_fragments):
+            raise ConfigError(f"{p}.compression.collective 'two_phase' with {p}.eager_updates needs sync_delay "
+                              f"({self.sync_delay}) < sync_every/num_fragments "
+                              f"({self.sync_every / self.num_fragments:g}): its second phase is launched when the "
+                              f"first is seen complete, which keeps one order on every rank only while one "
+                              f"fragment is in flight; use collective 'single_phase' or a lower sync_delay")
+        if self.fault_tolerance.enabled:
+            raise ConfigError(f"{p}.eager_updates does not work with {p}.fault_tolerance.enabled yet: a replica's "
+                              f"outer params hold its own eager term, so a joiner cannot copy a peer's; set one "
+                              f"of them to false")
 
     def _validate_fault_tolerance(self) -> None:
         p, ft = SECTION, self.fault_tolerance

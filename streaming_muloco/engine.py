@@ -100,7 +100,8 @@ def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: Str
     fp16/bf16, else 4, plus buffers), ZeRO's fp32 master partitions (4N) and optimizer moments
     (8N: Adam's two; Muon keeps one for its matrices, so this bounds it); ours: theta_g and the
     outer momentum (8N), an error-feedback residual when compressing with it (4N), and with
-    sync_delay > 0 the averaged pseudo-gradient of a fragment in flight (4N/P). Times K
+    sync_delay > 0 the averaged pseudo-gradient of a fragment in flight (4N/P; with eager updates
+    4N for `others` and up to 4N in flight). Times K
     replicas, plus 10% and 1 MiB for serialization overhead and DeepSpeed's recovery scripts.
     Returns (bytes, a one-line account of them for the error message).
     """
@@ -113,7 +114,9 @@ def estimate_checkpoint_nbytes(model: torch.nn.Module, ds_config: dict, cfg: Str
         ours = 8 * n
         if cfg.compression.method != "none" and cfg.compression.error_feedback:
             ours += 4 * n
-        if cfg.sync_delay > 0:
+        if cfg.eager_updates:  # others[p] for every fragment, and up to all P fragments in flight
+            ours += 4 * n + (4 * n if cfg.sync_delay > 0 else 0)
+        elif cfg.sync_delay > 0:
             ours += 4 * n // cfg.num_fragments
     total = int((deepspeed_b + ours) * num_replicas * 1.1) + (1 << 20)
     detail = (f"{n:,} parameters x {num_replicas} replica(s): DeepSpeed's module, fp32 master and optimizer "
@@ -269,6 +272,8 @@ class StreamingMuLoCoEngine:
                                 # only when set, so checkpoints from before the key still resume
                                 **({"granularity": cfg.compression.granularity}
                                    if cfg.compression.granularity != "flat" else {})} if cfg.enabled else None,
+                # eager state (others[p]) is saved only with it on; only when set, as above
+                **({"eager_updates": True} if cfg.enabled and cfg.eager_updates else {}),
                 "zero_stage": self.engine.zero_optimization_stage(),
                 "scheduler.params.total_num_steps": (sched or {}).get("total_num_steps")}
 

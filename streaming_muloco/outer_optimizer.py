@@ -7,6 +7,9 @@ fragment and per rank:
     delta = pseudo_grad(theta_g, local)        # then compressed and averaged over replicas
     opt.step(theta_g, mean_delta)              # theta_g <- OuterOpt(theta_g, mean_delta)
     local = mix(local_now, theta_g, mix_alpha) # alpha = 0: restart from the global params
+
+With eager updates the outer step is taken at the sync point, on `eager_outer_grad`, and the
+average only updates `others` when it arrives (`eager_pending`, `eager_arrived`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,34 @@ def mix(theta_local_now: torch.Tensor, theta_outer: torch.Tensor, alpha: float) 
     if alpha == 1.0:
         return theta_local_now.to(theta_outer.dtype, copy=True)
     return torch.lerp(theta_outer, theta_local_now.to(theta_outer.dtype), alpha)
+
+
+def eager_outer_grad(others: torch.Tensor, delta: torch.Tensor, share: float) -> torch.Tensor:
+    """The eager outer gradient (Kale et al., arXiv 2502.12996; docs/design.md §3):
+    g̃ = others + share·Δ, a new tensor.
+
+    `others` is the fragment's previous average with this replica's own share of it taken out
+    (see `eager_pending` and `eager_arrived`), and share = s/K: this replica's fresh Δ stands in
+    for its share of an average whose other K−1 parts are one round late. For the first round
+    `others` is zero.
+    """
+    return torch.add(others, delta.to(others.dtype), alpha=share)
+
+
+def eager_pending(others: torch.Tensor, delta: torch.Tensor, share: float) -> None:
+    """others ← −share·Δ in place, right after the eager step has used it.
+
+    When the round's average arrives, `eager_arrived` adds it, leaving mean − share·Δ: the
+    term this replica applied eagerly is taken back out exactly, so over rounds each replica
+    applies every complete average once plus only its LATEST fresh term, and replicas differ
+    by that term alone (with μ = 0: θ_g = consensus − lr·share·Δ_latest).
+    """
+    torch.mul(delta.to(others.dtype), -share, out=others)
+
+
+def eager_arrived(others: torch.Tensor, mean: torch.Tensor) -> None:
+    """others ← others + mean in place, when the round's average pseudo-gradient arrives."""
+    others.add_(mean.to(others.dtype))
 
 
 class OuterNesterovSGD:

@@ -8,6 +8,11 @@ Per fragment p and per rank (shard-wise, 1/D of the fragment each; docs/design.m
 start p:  gather -> pseudo-gradient -> (non-finite policy) -> compress with EF -> launch
 finish p: wait -> outer step -> mix -> write back      (sync_delay steps later; with 0, at once)
 
+With eager updates (docs/design.md §3) the outer step moves to the start, on the eager outer
+gradient, and the finish only folds the arrived average into `others[p]`:
+start p:  gather -> pseudo-gradient -> outer step on others[p] + Δ/K -> write back -> launch
+finish p: wait -> others[p] += mean                    (up to a whole period H later)
+
 What the path computes goes to a `SyncObserver` (timings, norms, cosine, compression error);
 the path never waits on it. The order of events comes from `FragmentSchedule.events`.
 """
@@ -27,7 +32,8 @@ from .comm.base import CommBackend, Handle
 from .compression import has_nonfinite
 from .config import StreamingMuLoCoConfig
 from .errors import NonFiniteError
-from .outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
+from .outer_optimizer import (OuterNesterovSGD, eager_arrived, eager_outer_grad, eager_pending, mix,
+                              pseudo_grad)
 from .outer_state import OuterStateStore
 from .schedule import FragmentSchedule, SyncEvent
 from .segments import ParamExtent
@@ -59,6 +65,7 @@ class FragmentState:
     encoding: Future | None = None  # background compression: (Encoded, seconds), not launched yet
     delta: torch.Tensor | None = None  # its pseudo-gradient, for the observer at the launch
     start_s: float = 0.0  # seconds the start itself took on the training path
+    others: torch.Tensor | None = None  # eager updates: last average minus this replica's eager term
 
 
 class OuterSync:
@@ -79,11 +86,13 @@ class OuterSync:
         self.cfg = cfg
         self.membership = membership
         self.after_finish: list[Any] = []  # callbacks (fragment_id, step, theta_g) after each outer step
+        # (at a finish; with eager updates, at the start that takes it)
         self.replica_id = replica_id
         self.shard = shard
         self.comm = comm
         self.observer = observer
-        self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay)
+        self.schedule = FragmentSchedule(cfg.sync_every, cfg.num_fragments, cfg.sync_delay, cfg.eager_updates)
+        self.eager = cfg.eager_updates
         # theta_g, outer momentum and EF residuals rest here between syncs (outer_state.py)
         self.store = OuterStateStore(cfg.outer_state_device, getattr(shard, "device", torch.device("cpu")))
         comp = cfg.compression
@@ -104,6 +113,9 @@ class OuterSync:
                           outer_opt=OuterNesterovSGD(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov))
             for p in range(cfg.num_fragments)
         ]
+        if self.eager:  # the first round has no earlier average: its others' part is zero
+            for f in self.fragments:
+                f.others = self.store.rest(torch.zeros_like(f.theta_g))
         self.outer_steps = 0
 
     @staticmethod
@@ -131,7 +143,9 @@ class OuterSync:
                 self.rejoin(healed_at)
                 return
             quorum_done = False
-        if any(e.kind == "finish" for e in events):
+        # the module's params change where an outer step is written back: at a finish, or at an
+        # eager start
+        if any(e.kind == ("start" if self.eager else "finish") for e in events):
             t_refresh = time.perf_counter()
             self.shard.refresh_module_params()
             self.observer.refreshed(time.perf_counter() - t_refresh)
@@ -174,6 +188,8 @@ class OuterSync:
         delta = pseudo_grad(self.store.fetch(frag.theta_g), local, out=local)  # the gathered copy becomes Δ
         if has_nonfinite(delta):
             delta = self._nonfinite(p, step, delta)
+        if self.eager:  # before the launch: an fp32 all-reduce overwrites Δ in place
+            self._eager_step(p, step, delta)
         if self._encoder is not None:
             frag.encoding, frag.delta = self._encoder.submit(self._timed_encode, p, delta), delta
             frag.start_s = time.perf_counter() - t0
@@ -214,6 +230,22 @@ class OuterSync:
             if p == until:
                 return
 
+    def _eager_step(self, p: int, step: int, delta: torch.Tensor) -> None:
+        """The outer step of an eager update: on others[p] + (s/K)·Δ, written back at once, so the
+        next inner steps start from it; others[p] then holds −(s/K)·Δ until the average arrives."""
+        frag, store = self.fragments[p], self.store
+        assert frag.others is not None
+        share = self.exchange.delta_scale / self.comm.mean_divisor()
+        others = store.fetch(frag.others)
+        g = eager_outer_grad(others, delta, share)
+        eager_pending(others, delta, share)
+        store.put_back(frag.others, others)
+        theta_g = self._outer_step(frag, g)
+        self.shard.scatter(p, theta_g)
+        self.outer_steps += 1
+        for callback in self.after_finish:
+            callback(p, step, theta_g)
+
     def finish(self, p: int, step: int) -> None:
         frag, t0 = self.fragments[p], time.perf_counter()
         if frag.in_flight is None and self.membership is not None:
@@ -229,13 +261,19 @@ class OuterSync:
             return
         frag.ef_snapshot = None
         t_apply = time.perf_counter()
-        theta_g = self._outer_step(frag, mean)
-        alpha = self.cfg.mix_alpha
-        self.shard.scatter(p, theta_g if alpha == 0.0 else mix(self.shard.gather(p), theta_g, alpha))
+        if self.eager:
+            assert frag.others is not None
+            others = self.store.fetch(frag.others)
+            eager_arrived(others, mean)
+            self.store.put_back(frag.others, others)
+        else:
+            theta_g = self._outer_step(frag, mean)
+            alpha = self.cfg.mix_alpha
+            self.shard.scatter(p, theta_g if alpha == 0.0 else mix(self.shard.gather(p), theta_g, alpha))
+            self.outer_steps += 1
+            for callback in self.after_finish:
+                callback(p, step, theta_g)
         apply_s = time.perf_counter() - t_apply
-        self.outer_steps += 1
-        for callback in self.after_finish:
-            callback(p, step, theta_g)
         self.observer.finished(p, step, mean, frag.own, wait_started=t0, waited_s=waited,
                                sync_s=time.perf_counter() - t0, outer_steps=self.outer_steps,
                                bytes_sent=self.comm.bytes_sent, apply_s=apply_s)
@@ -278,10 +316,12 @@ class OuterSync:
         shard = sum(nbytes(f.theta_g) for f in self.fragments)
         momentum = sum(nbytes(f.outer_opt.momentum_buffer) for f in self.fragments)
         ef = self.exchange.ef_nbytes()
-        total = shard + momentum + ef
+        eager = sum(nbytes(f.others) for f in self.fragments)
+        total = shard + momentum + ef + eager
         on_host = self.store.placement == "host"
         return {"shard_fp32": shard, "theta_g": shard, "outer_momentum": momentum, "error_feedback": ef,
-                "total": total, "host": total if on_host else 0, "device": 0 if on_host else total}
+                "eager_others": eager, "total": total, "host": total if on_host else 0,
+                "device": 0 if on_host else total}
 
     # ---- fault tolerance: what a joining replica receives -------------------------------------
     def heal_state(self) -> dict[str, Any]:
@@ -338,6 +378,7 @@ class OuterSync:
             "outer_opt": [f.outer_opt.state_dict() for f in self.fragments],
             "exchange": self.exchange.state_dict(),
             "bytes_sent": self.comm.bytes_sent,
+            **({"eager_others": [f.others.clone() for f in self.fragments]} if self.eager else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -349,6 +390,9 @@ class OuterSync:
             self._rest_momentum(f)
         self.exchange.load_state_dict(state["exchange"])
         self.comm.bytes_sent = state["bytes_sent"]
+        if self.eager:
+            for f, others in zip(self.fragments, state["eager_others"]):
+                f.others.copy_(others)
         for p, pending in state["in_flight"].items():
             frag = self.fragments[p]
             if "ef_snapshot" in pending:

@@ -9,7 +9,9 @@ Conventions, shared by every caller:
 - It FINISHES (wait, outer step, mix) after inner step t + τ. With τ = 0 it finishes at the
   very step it starts.
 - τ < H/P guarantees that a fragment finishes no later than the step the next one starts, so
-  at most one fragment is in flight between steps.
+  at most one fragment is in flight between steps. With eager updates τ may reach H (the
+  fragment's whole period): a fragment then finishes at the step of its next start, before it,
+  and up to P fragments are in flight at once.
 - `events(step)` is THE order of a step's work, for every caller (the engine's outer loop and
   the simulator): with τ > 0 a finish comes before a start on the same step; with τ = 0 a
   fragment starts and then finishes. Every replica must launch collectives in the same order
@@ -47,11 +49,13 @@ class FragmentSchedule:
         sync_every: H, inner steps between two syncs of the same fragment.
         num_fragments: P, the number of fragments; P = 1 is plain DiLoCo.
         sync_delay: τ, inner steps a fragment's collective overlaps with compute.
+        eager_updates: allow τ up to H instead of below H/P (docs/design.md §3).
     """
 
     sync_every: int
     num_fragments: int = 1
     sync_delay: int = 0
+    eager_updates: bool = False
 
     def __post_init__(self) -> None:
         H, P, tau = self.sync_every, self.num_fragments, self.sync_delay
@@ -66,7 +70,11 @@ class FragmentSchedule:
                              f"start step; lower num_fragments or raise sync_every")
         if tau < 0:
             raise ValueError(f"sync_delay ({tau}) must be >= 0; use 0 for no overlap")
-        if tau >= H / P:
+        if self.eager_updates:
+            if tau > H:
+                raise ValueError(f"sync_delay ({tau}) must be <= sync_every ({H}) with eager updates: a fragment's "
+                                 f"average must arrive by its next sync point")
+        elif tau >= H / P:
             raise ValueError(f"sync_delay ({tau}) must be < sync_every/num_fragments ({H / P:g}): a fragment "
                              f"must finish before the next one starts; lower sync_delay or num_fragments")
 
@@ -100,7 +108,7 @@ class FragmentSchedule:
         """Fragments launched but not yet finished once `step` is fully processed.
 
         A checkpoint taken between steps must save (or drain) exactly these. Always empty
-        when τ = 0; at most one fragment otherwise.
+        when τ = 0; at most one fragment when τ < H/P.
         """
         self._check_step(step)
         started = range(max(1, step - self.sync_delay + 1), step + 1)

@@ -42,6 +42,10 @@ STREAM = {**OUTER, "num_fragments": 2, "sync_delay": 1}
 STREAM_MIX = {**STREAM, "mix_alpha": 0.5}
 STREAM_NOMIX = {**STREAM, "mix_alpha": 1.0}
 TWO_PHASE_2BIT = {"method": "statistical", "bits": 2, "error_feedback": True, "collective": "two_phase"}
+# Eager updates (docs/design.md §3): tau below H/P, tau = H (both fragments in flight at once),
+# tau = 0 with one fragment, and 2-bit compressed in the background with three steps of delay.
+EAGER = {**STREAM, "eager_updates": True}
+EAGER_2BIT = {"method": "statistical", "bits": 2, "error_feedback": True, "granularity": "row"}
 IDENTITY = {"num_replicas": 1, "sync_every": 1, "outer_lr": 1.0, "outer_momentum": 0.0}
 SCENARIOS = {
     "muloco_z1": ds_config(MUON, 1, OUTER),
@@ -61,6 +65,10 @@ SCENARIOS = {
     "stream_2bit_tp": ds_config(MUON, 2, {**STREAM, "compression": TWO_PHASE_2BIT}),
     "stream_2bit_tp_host": ds_config(MUON, 2, {**STREAM, "compression": TWO_PHASE_2BIT, "outer_state_device": "cpu"}),
     "plain_ds": ds_config(MUON, 1, None),
+    "eager_p2_t1": ds_config(MUON, 1, EAGER),
+    "eager_p2_t4_z2": ds_config(ADAMW, 2, {**EAGER, "sync_delay": H}),
+    "eager_p1_t0": ds_config(MUON, 2, {**OUTER, "eager_updates": True}),
+    "eager_p2_t3_2bit": ds_config(MUON, 1, {**EAGER, "sync_delay": 3, "compression": EAGER_2BIT}),
 }
 
 
@@ -114,13 +122,47 @@ def _reference(opt: dict, K: int, D: int, outer: dict | None, norms: dict | None
                                             weight_decay=0.0), {}))
     outer = outer or {}
     P, tau, alpha = outer.get("num_fragments", 1), outer.get("sync_delay", 0), outer.get("mix_alpha", 0.0)
+    eager = outer.get("eager_updates", False)
     frags = assign_fragments(names, P) if outer else []
-    theta_g = {n: torch.nn.Parameter(p.detach().clone()) for n, p in base.named_parameters()}
-    outer_opts = [torch.optim.SGD([theta_g[n] for n in f], lr=outer["outer_lr"], momentum=outer["outer_momentum"],
-                                  nesterov=outer["outer_momentum"] > 0) for f in frags]
+
+    def outer_state():
+        theta = {n: torch.nn.Parameter(p.detach().clone()) for n, p in base.named_parameters()}
+        return theta, [torch.optim.SGD([theta[n] for n in f], lr=outer["outer_lr"], momentum=outer["outer_momentum"],
+                                       nesterov=outer["outer_momentum"] > 0) for f in frags]
+
+    theta_g, outer_opts = outer_state()
     pending = {}  # fragment -> {name: mean pseudo-gradient}
+    # Eager updates (Kale et al. 2025): each replica keeps its own theta_g and outer optimizer; at
+    # fragment p's sync point it steps on (1/K) * (its fresh pseudo-gradient) + (1/K) * (the
+    # others' pseudo-gradients of p's previous round), which arrive one round late.
+    per_replica = [outer_state() for _ in range(K)] if eager else []
+    others_prev = [[{n: torch.zeros_like(theta_g[n]) for n in f} for f in frags] for _ in range(K)]
+    own_prev = [[{n: torch.zeros_like(theta_g[n]) for n in f} for f in frags] for _ in range(K)]
+
+    def eager_start(p: int) -> None:
+        with torch.no_grad():
+            fresh = []
+            for k, m in enumerate(replicas):
+                prm, (theta, opts) = dict(m.named_parameters()), per_replica[k]
+                delta = {n: theta[n].detach() - prm[n] for n in frags[p]}
+                fresh.append(delta)
+                for n in frags[p]:
+                    theta[n].grad = others_prev[k][p][n] + delta[n] / K
+                opts[p].step()
+                for n in frags[p]:
+                    prm[n].copy_(theta[n])
+            pending[p] = {n: torch.stack([d[n] for d in fresh]).mean(0) for n in frags[p]}
+            for k in range(K):
+                own_prev[k][p] = fresh[k]
+
+    def eager_finish(p: int) -> None:
+        for k in range(K):
+            others_prev[k][p] = {n: pending[p][n] - own_prev[k][p][n] / K for n in frags[p]}
+        del pending[p]
 
     def finish(p: int) -> None:
+        if eager:
+            return eager_finish(p)
         with torch.no_grad():
             for n in frags[p]:
                 theta_g[n].grad = pending[p][n]
@@ -150,6 +192,11 @@ def _reference(opt: dict, K: int, D: int, outer: dict | None, norms: dict | None
                 finish(p)
         for p in range(len(frags)):
             if (step - p * H // P) % H == 0:
+                if eager:
+                    eager_start(p)
+                    if tau == 0:
+                        finish(p)
+                    continue
                 with torch.no_grad():
                     pending[p] = {n: theta_g[n].detach() - torch.stack([dict(m.named_parameters())[n]
                                                                         for m in replicas]).mean(0)
@@ -214,6 +261,39 @@ def test_outer_state_in_host_memory_is_bit_identical_to_the_default(snapshots, h
         assert len(values(host["metrics"])) > 10
 
 
+@pytest.mark.parametrize("name, opt, outer", [
+    ("eager_p2_t1", MUON, EAGER), ("eager_p2_t4_z2", ADAMW, {**EAGER, "sync_delay": H}),
+    ("eager_p1_t0", MUON, {**OUTER, "eager_updates": True})])
+def test_eager_updates_equal_the_single_process_reference_of_the_rule(snapshots, name, opt, outer):
+    """Every step, both replicas, with tau below H/P, tau = H (the whole period: both fragments
+    in flight at once) and tau = 0."""
+    ref = reference(opt, K=2, D=2, outer=outer)
+    for rank, data in enumerate(snapshots[name]):
+        assert data["info"]["outer_steps"] == STEPS // H * (outer.get("num_fragments", 1))
+        for step in range(1, STEPS + 1):
+            diff = max_diff(data["snapshots"][step - 1], ref[step - 1][rank // 2])
+            assert diff < 2e-5, (name, rank, step, diff)
+
+
+@pytest.mark.parametrize("name", ["eager_p2_t1", "eager_p2_t4_z2", "eager_p2_t3_2bit"])
+def test_eager_replicas_differ_by_their_own_fresh_term_and_differ_from_the_delayed_rule(snapshots, name):
+    """The rule keeps one theta_g per replica: right after a fragment's eager step the replicas'
+    params of that fragment differ (each holds its own fresh term), while the two ZeRO ranks of a
+    replica agree bit for bit; and the eager run is not the plain streaming run."""
+    from streaming_muloco.fragments import assign_fragments
+
+    ranks = snapshots[name]
+    frags = assign_fragments(list(ranks[0]["snapshots"][0]), 2)
+    for step in range(1, STEPS + 1):
+        assert max_diff(ranks[0]["snapshots"][step - 1], ranks[1]["snapshots"][step - 1]) == 0.0, (name, step)
+        assert max_diff(ranks[2]["snapshots"][step - 1], ranks[3]["snapshots"][step - 1]) == 0.0, (name, step)
+    for p, start in ((0, H), (1, H // 2)):
+        snaps = [r["snapshots"][start - 1] for r in (ranks[0], ranks[2])]
+        assert max_diff({n: snaps[0][n] for n in frags[p]}, {n: snaps[1][n] for n in frags[p]}) > 0
+    if name == "eager_p2_t1":  # the same run but for eager_updates
+        assert max_diff(ranks[0]["snapshots"][-1], snapshots["stream_p2_t1"][0]["snapshots"][-1]) > 1e-4
+
+
 def test_k1_h1_identity_outer_step_equals_plain_deepspeed(snapshots):
     """theta_g - 1.0 * (theta_g - theta_local) is theta_local up to one rounding per step, which
     Adam's division by sqrt(v) then carries forward: ~1e-9 after one step, ~1e-6 after twelve."""
@@ -275,6 +355,8 @@ def test_alpha_one_leaves_training_as_if_replicas_never_talked(snapshots):
 
 
 MPI_SCENARIOS = {"stream_p2_t1_mpi": ds_config(MUON, 1, {**STREAM, "comm": {"backend": "mpi"}}),
+                 "eager_p2_t3_2bit_mpi": ds_config(MUON, 1, {**EAGER, "sync_delay": 3, "compression": EAGER_2BIT,
+                                                             "comm": {"backend": "mpi"}}),
                  "diloco_z2_mpi": ds_config(ADAMW, 2, {**OUTER, "comm": {"backend": "mpi"}})}
 
 
@@ -290,7 +372,8 @@ def mpi_snapshots(tmp_path_factory):
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(4)] for name in MPI_SCENARIOS}
 
 
-@pytest.mark.parametrize("mpi_name, torch_name", [("stream_p2_t1_mpi", "stream_p2_t1"), ("diloco_z2_mpi", "diloco_z2")])
+@pytest.mark.parametrize("mpi_name, torch_name", [("stream_p2_t1_mpi", "stream_p2_t1"), ("diloco_z2_mpi", "diloco_z2"),
+                                                  ("eager_p2_t3_2bit_mpi", "eager_p2_t3_2bit")])
 def test_mpi_backend_under_mpirun_matches_torch_backend_bit_for_bit(snapshots, mpi_snapshots, mpi_name, torch_name):
     """K = 2: a sum of two values is the same in any order, so both backends agree exactly."""
     for r in range(4):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_muloco.outer_optimizer import OuterNesterovSGD, mix, pseudo_grad
+from streaming_muloco.outer_optimizer import (OuterNesterovSGD, eager_arrived, eager_outer_grad, eager_pending, mix,
+                                              pseudo_grad)
 
 
 @pytest.mark.parametrize("lr,momentum,nesterov", [(0.7, 0.9, True), (0.4, 0.6, True), (0.9, 0.8, False),
@@ -100,3 +101,36 @@ def test_bad_hyperparameters_name_the_key(kwargs: dict, key: str) -> None:
 def test_mix_rejects_alpha_outside_unit_interval() -> None:
     with pytest.raises(ValueError, match=r"^mix_alpha \(1\.5\) must be in"):
         mix(torch.zeros(1), torch.zeros(1), 1.5)
+
+
+def test_eager_rule_is_fresh_share_plus_the_others_previous_share() -> None:
+    """g = (1/K) fresh_k + (1/K) sum_{j != k} previous_j, through the others buffer's life cycle."""
+    K, torch_gen = 3, torch.Generator().manual_seed(0)
+    prev = [torch.randn(8, generator=torch_gen) for _ in range(K)]
+    fresh = torch.randn(8, generator=torch_gen)
+    others = torch.zeros(8)
+    torch.testing.assert_close(eager_outer_grad(others, prev[0], 1 / K), prev[0] / K)  # round 1: nothing earlier
+    eager_pending(others, prev[0], 1 / K)
+    eager_arrived(others, torch.stack(prev).mean(0))
+    g = eager_outer_grad(others, fresh, 1 / K)
+    torch.testing.assert_close(g, fresh / K + (prev[1] + prev[2]) / K)
+
+
+def test_eager_replicas_differ_by_their_latest_fresh_term_only() -> None:
+    """With plain outer SGD the eager terms telescope: after R rounds replica k holds
+    theta_0 - lr * (sum of the R-1 complete averages) - lr * (1/K) * (its own latest delta)."""
+    K, R, lr, gen = 4, 6, 0.7, torch.Generator().manual_seed(1)
+    deltas = [[torch.randn(16, generator=gen) for _ in range(K)] for _ in range(R)]
+    theta0 = torch.randn(16, generator=gen)
+    thetas, others = [theta0.clone() for _ in range(K)], [torch.zeros(16) for _ in range(K)]
+    opts = [OuterNesterovSGD(lr, momentum=0.0) for _ in range(K)]
+    for r in range(R):
+        for k in range(K):
+            opts[k].step(thetas[k], eager_outer_grad(others[k], deltas[r][k], 1 / K))
+            eager_pending(others[k], deltas[r][k], 1 / K)
+        mean = torch.stack(deltas[r]).mean(0)
+        for k in range(K):
+            eager_arrived(others[k], mean)
+    consensus = theta0 - lr * sum(torch.stack(d).mean(0) for d in deltas[:-1])
+    for k in range(K):
+        torch.testing.assert_close(thetas[k], consensus - lr * deltas[-1][k] / K, rtol=1e-5, atol=1e-5)

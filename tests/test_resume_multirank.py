@@ -74,7 +74,13 @@ ZERO3 = ["--set", "zero_optimization.stage=3", "--set", "+zero_optimization.redu
          "--set", "+zero_optimization.stage3_param_persistence_threshold=0"]
 
 
-@pytest.mark.parametrize("extra", [[], HOST_STATE, ZERO3], ids=["default", "outer_state_in_host_memory", "zero3"])
+# Eager updates with tau = H = 4: at the step-6 checkpoint both fragments are in flight (0 since
+# step 4, 1 since step 6), and each replica's theta_g holds its own eager term.
+EAGER = ["--set", "streaming_muloco.eager_updates=true", "--set", "streaming_muloco.sync_delay=4"]
+
+
+@pytest.mark.parametrize("extra", [[], HOST_STATE, ZERO3, EAGER],
+                         ids=["default", "outer_state_in_host_memory", "zero3", "eager_two_in_flight"])
 def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_path, uninterrupted, extra):
     """Also with the outer state in host memory (compared with the default uninterrupted run,
     which it equals bit for bit), and under ZeRO-3 with every parameter partitioned (compared
@@ -88,8 +94,8 @@ def test_sigkill_mid_overlapped_sync_then_resume_gives_bit_identical_losses(tmp_
     assert res.ok, res.describe()
     assert "resumed from" in res.outputs[0] and "at inner step 6" in res.outputs[0]
     reference = uninterrupted
-    if extra == ZERO3:
-        reference = tmp_path / "zero3_full"
+    if extra in (ZERO3, EAGER):
+        reference = tmp_path / "own_full"
         full_run = run_ranks(2, ARGS + extra + ["--out-dir", str(reference)], timeout=300)
         assert full_run.ok, full_run.describe()
     full, resumed = losses(reference), losses(out)

@@ -151,3 +151,32 @@ def test_events_h4_p2_tau1_by_hand() -> None:
         [], [SyncEvent("start", 1)], [SyncEvent("finish", 1)], [SyncEvent("start", 0)], [SyncEvent("finish", 0)]]
     s6 = FragmentSchedule(6, 4, 1)  # a finish and a start on the same step: the finish first
     assert s6.events(7) == [SyncEvent("finish", 0), SyncEvent("start", 1)]
+
+
+EAGER = [(P, H, tau) for P in (1, 2, 3) for H in (4, 6) for tau in range(0, H + 1)]
+
+
+@pytest.mark.parametrize("P,H,tau", EAGER)
+def test_eager_updates_allow_a_delay_up_to_the_whole_period(P: int, H: int, tau: int) -> None:
+    """With eager updates a fragment may be in flight for up to H steps: up to P at once, each
+    finishing before (or at the step of, and before) its own next start."""
+    s = FragmentSchedule(H, P, tau, eager_updates=True)
+    in_flight: set[int] = set()
+    for t in range(1, 4 * H + 1):
+        order = s.events(t)
+        for e in order:
+            if e.kind == "finish":
+                assert e.fragment_id in in_flight or tau == 0
+                in_flight.discard(e.fragment_id)
+            else:
+                assert e.fragment_id not in in_flight, f"step {t}: fragment {e.fragment_id} restarts in flight"
+                if tau > 0:
+                    in_flight.add(e.fragment_id)
+        assert s.in_flight_after(t) == sorted(in_flight)
+        assert len(in_flight) <= P
+    assert max(len(s.in_flight_after(t)) for t in range(H, 4 * H)) == min(P, -(-tau * P // H))
+
+
+def test_eager_updates_refuse_a_delay_past_the_period() -> None:
+    with pytest.raises(ValueError, match=r"sync_delay \(5\) must be <= sync_every \(4\) with eager updates"):
+        FragmentSchedule(4, 2, 5, eager_updates=True)
