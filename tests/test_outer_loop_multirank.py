@@ -68,6 +68,8 @@ SCENARIOS = {
     "eager_p2_t1": ds_config(MUON, 1, EAGER),
     "eager_p2_t4_z2": ds_config(ADAMW, 2, {**EAGER, "sync_delay": H}),
     "eager_p1_t0": ds_config(MUON, 2, {**OUTER, "eager_updates": True}),
+    "eager_p2_t3_z3": ds_config(MUON, 3, {**EAGER, "sync_delay": 3}, persistence_threshold=0),
+    "eager_p2_t1_host": ds_config(MUON, 1, {**EAGER, "outer_state_device": "cpu"}),
     "eager_p2_t3_2bit": ds_config(MUON, 1, {**EAGER, "sync_delay": 3, "compression": EAGER_2BIT}),
 }
 
@@ -242,7 +244,8 @@ def test_distributed_outer_loop_equals_single_process_reference(snapshots, name,
 
 
 @pytest.mark.parametrize("host_name, name", [("stream_p2_t1_host", "stream_p2_t1"),
-                                             ("stream_2bit_tp_host", "stream_2bit_tp")])
+                                             ("stream_2bit_tp_host", "stream_2bit_tp"),
+                                             ("eager_p2_t1_host", "eager_p2_t1")])
 def test_outer_state_in_host_memory_is_bit_identical_to_the_default(snapshots, host_name, name):
     """streaming_muloco.outer_state_device "cpu": theta_g, momentum and EF rest in separate host
     tensors and every sync works on copies of them (on this CPU the engine's device is host memory
@@ -263,10 +266,10 @@ def test_outer_state_in_host_memory_is_bit_identical_to_the_default(snapshots, h
 
 @pytest.mark.parametrize("name, opt, outer", [
     ("eager_p2_t1", MUON, EAGER), ("eager_p2_t4_z2", ADAMW, {**EAGER, "sync_delay": H}),
-    ("eager_p1_t0", MUON, {**OUTER, "eager_updates": True})])
+    ("eager_p1_t0", MUON, {**OUTER, "eager_updates": True}), ("eager_p2_t3_z3", MUON, {**EAGER, "sync_delay": 3})])
 def test_eager_updates_equal_the_single_process_reference_of_the_rule(snapshots, name, opt, outer):
     """Every step, both replicas, with tau below H/P, tau = H (the whole period: both fragments
-    in flight at once) and tau = 0."""
+    in flight at once), tau = 0, and under ZeRO-3 with every parameter partitioned."""
     ref = reference(opt, K=2, D=2, outer=outer)
     for rank, data in enumerate(snapshots[name]):
         assert data["info"]["outer_steps"] == STEPS // H * (outer.get("num_fragments", 1))
