@@ -1,0 +1,100 @@
+"""The sparse 2-bit search (issue 13), in the simulator: which outer optimizer and EF setting
+bring SparseLoCo-style compression close to uncompressed MuLoCo.
+
+Settings as benchmarks/eager_quality.py: K=4, H=30, 1,500 inner steps (50 rounds), 16 sequences
+of 64 tokens per step split over the replicas, tiny model, Muon inner at MuLoCo's tuned rates.
+Each row sets the compression section and the outer optimizer; finished runs are appended to
+the JSONL file, and a rerun skips what is there.
+
+    nice -n 5 python benchmarks/sparse_search.py --out benchmarks/results/sparse_search.jsonl --shard 0/2 &
+    nice -n 5 python benchmarks/sparse_search.py --out benchmarks/results/sparse_search.jsonl --shard 1/2
+    python benchmarks/sparse_search.py --out benchmarks/results/sparse_search.jsonl --report
+
+Date 2026-11-25, seed 1, commit 576b43b + this script: see BENCHMARKS.md ("Sparse search").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_sweep import METHODS, REPO, Hyper, Settings, run_one  # noqa: E402
+
+from streaming_muloco.data import TokenSplits, load_tokens  # noqa: E402
+
+SETTINGS = Settings(steps=1500, sync_every=30, global_batch=16, block=64, eval_every=300, eval_total=16,
+                    eval_micro=8, ks=(4,))
+SPARSE = json.loads((REPO / "ds_configs/muloco_sparse_cpu.json").read_text())["streaming_muloco"]["compression"]
+NESTEROV = {"outer_lr": 0.8, "outer_momentum": 0.8}  # muloco_cpu.json's
+PLAIN = {"outer_lr": 1.0, "outer_momentum": 0.0}  # SparseLoCo's (muloco_sparse_cpu.json's)
+ROWS: dict[str, dict] = {
+    "fp32, outer 0.8/0.8": {**NESTEROV},
+    "fp32, outer 1.0/0": {**PLAIN},
+    "sparse 3% EF b0.95, outer 1.0/0 (shipped)": {**PLAIN, "compression": SPARSE},
+    "sparse 3% EF b1, outer 1.0/0": {**PLAIN, "compression": {**SPARSE, "ef_beta": 1.0}},
+    "sparse 3% EF b0.95, outer 0.8/0.8": {**NESTEROV, "compression": SPARSE},
+    "sparse 3% EF b1, outer 0.8/0.8": {**NESTEROV, "compression": {**SPARSE, "ef_beta": 1.0}},
+    "sparse 5% EF b0.95, outer 1.0/0": {**PLAIN, "compression": {**SPARSE, "topk_fraction": 0.05}},
+    "sparse 3% two-phase EF b0.95, outer 1.0/0": {**PLAIN, "compression": {**SPARSE, "collective": "two_phase"}},
+    # a second pass around the first's best (outer 1.0/0): larger outer steps, denser, smaller chunks
+    "sparse 3% EF b0.95, outer 1.5/0": {"outer_lr": 1.5, "outer_momentum": 0.0, "compression": SPARSE},
+    "sparse 3% EF b0.95, outer 2.0/0": {"outer_lr": 2.0, "outer_momentum": 0.0, "compression": SPARSE},
+    "sparse 10% EF b0.95, outer 1.0/0": {**PLAIN, "compression": {**SPARSE, "topk_fraction": 0.10}},
+    "sparse 3% chunk 1024 EF b0.95, outer 1.0/0": {**PLAIN, "compression": {**SPARSE, "block_size": 1024}},
+}
+for _name, _extra in ROWS.items():  # registered as quality_sweep methods, so run_one builds them alike
+    METHODS[_name] = ("muloco_cpu.json", _extra)
+
+
+def report(done: list[dict]) -> str:
+    by: dict[str, list[float]] = {}
+    for r in done:
+        by.setdefault(r["label"], []).append(r["final_eval_loss"])
+    base = statistics.mean(by["fp32, outer 0.8/0.8"]) if "fp32, outer 0.8/0.8" in by else None
+    lines = ["| row | eval loss (seeds) | vs fp32 0.8/0.8 |", "|---|---|---|"]
+    for name in ROWS:
+        v = by.get(name)
+        if v:
+            delta = f"{statistics.mean(v) - base:+.4f}" if base is not None else "-"
+            lines.append(f"| {name} | {' / '.join(f'{x:.4f}' for x in v)} | {delta} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSONL file: one finished run per line")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th grid point from the i-th")
+    ap.add_argument("--rows", type=lambda v: [r.strip() for r in v.split(";")], default=list(ROWS),
+                    help="';'-separated row names")
+    ap.add_argument("--seeds", default="1")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if args.report:
+        print(report(done))
+        return 0
+    i, n = (int(v) for v in args.shard.split("/"))
+    s = Settings(**{**SETTINGS.__dict__, "ks": (args.k,)})
+    have = {(r["label"], r["K"], r["seed"]) for r in done}
+    grid = [(name, seed) for seed in map(int, args.seeds.split(",")) for name in args.rows]
+    splits = None
+    for j, (name, seed) in enumerate(grid):
+        if j % n != i or (name, args.k, seed) in have:
+            continue
+        if splits is None:
+            splits = TokenSplits.from_tokens(load_tokens(None), 0.05, s.block)
+        row = run_one(name, args.k, Hyper(1.0, ROWS[name]["outer_lr"]), s, splits, seed)
+        row.update(label=name, seed=seed, settings=s.__dict__, config=ROWS[name])
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
