@@ -27,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jsonl_grid  # noqa: E402
 from quality_sweep import METHODS, REPO, Hyper, Settings, run_one  # noqa: E402
 
-from streaming_muloco.data import TokenSplits, load_tokens  # noqa: E402
+from streaming_muloco.data import TokenSplits  # noqa: E402
 
 H, P = 30, 2
 TAUS = (0, 1, H // P // 2, H // P - 1)
@@ -111,41 +112,31 @@ def report(done: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSONL file: one finished run per line")
-    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th grid point from the i-th")
+    jsonl_grid.add_arguments(ap)
     ap.add_argument("--steps", type=int, default=SETTINGS.steps)
     ap.add_argument("--k", type=int, default=SETTINGS.ks[0])
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    ap.add_argument("--report", action="store_true", help="print the table of what --out holds")
     ap.add_argument("--tune", action="store_true", help="the eager outer lr x momentum grid (seed 1) instead")
     args = ap.parse_args()
-    out = Path(args.out)
-    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.report:
-        print(report(done))
+        print(report(jsonl_grid.load_rows(args.out)))
         return 0
-    i, n = (int(v) for v in args.shard.split("/"))
     s = Settings(**{**SETTINGS.__dict__, "steps": args.steps, "ks": (args.k,)})
     best = json.loads((REPO / "benchmarks/results/quality.json").read_text())["meta"]["best"]["Streaming MuLoCo"]
     hp = Hyper(**best)
-    have = {(r["label"], r["K"], r["seed"]) for r in done}
-    grid = [(label(tau, eager, tuned), seed) for seed in map(int, args.seeds.split(","))
-            for tau, eager, tuned in rows()]
+    points = [(label(tau, eager, tuned), args.k, seed) for seed in map(int, args.seeds.split(","))
+              for tau, eager, tuned in rows()]
     if args.tune:
-        grid = [(tune_label(lr, mu), 1) for lr, mu in TUNE]
-    splits = None
-    for j, (name, seed) in enumerate(grid):
-        if j % n != i or (name, args.k, seed) in have:
-            continue
-        if splits is None:
-            splits = TokenSplits.from_tokens(load_tokens(None), 0.05, s.block)
+        points = [(tune_label(lr, mu), args.k, 1) for lr, mu in TUNE]
+
+    def run(name: str, k: int, seed: int, splits: TokenSplits) -> dict:
         cfg = METHODS[name][1]
-        run_hp = Hyper(hp.inner_mult, cfg["outer_lr"]) if "outer_lr" in cfg else hp
-        row = run_one(name, args.k, run_hp, s, splits, seed)
-        row.update(label=name, seed=seed, tau=cfg["sync_delay"], eager=cfg["eager_updates"], tune=args.tune,
-                   settings=s.__dict__, config=cfg)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = run_one(name, k, Hyper(hp.inner_mult, cfg["outer_lr"]) if "outer_lr" in cfg else hp, s, splits, seed)
+        row.update(tau=cfg["sync_delay"], eager=cfg["eager_updates"], tune=args.tune, settings=s.__dict__,
+                   config=cfg)
+        return row
+
+    jsonl_grid.run_grid(args.out, points, args.shard, s.block, run)
     return 0
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jsonl_grid  # noqa: E402
 from quality_sweep import METHODS, REPO, Hyper, Settings, run_one  # noqa: E402
 
-from streaming_muloco.data import TokenSplits, load_tokens  # noqa: E402
+from streaming_muloco.data import TokenSplits  # noqa: E402
 
 LONG = Settings(steps=3000, sync_every=30, global_batch=16, block=64, eval_every=300, eval_total=16, eval_micro=8,
                 ks=(4, 8))
@@ -75,32 +76,23 @@ def report(rows: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSONL file: one finished run per line")
-    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th grid point from the i-th")
+    jsonl_grid.add_arguments(ap)
     ap.add_argument("--steps", type=int, default=LONG.steps)
-    ap.add_argument("--report", action="store_true", help="print the table of what --out holds")
     args = ap.parse_args()
-    out = Path(args.out)
-    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.report:
-        print(report(done))
+        print(report(jsonl_grid.load_rows(args.out)))
         return 0
-    i, n = (int(v) for v in args.shard.split("/"))
     s = Settings(**{**LONG.__dict__, "steps": args.steps})
     rates = best_rates()
     method_of = {label: (m, rates[r]) for label, m, r in ROWS}
-    have = {(r["label"], r["K"], r["seed"]) for r in done}
-    splits = None
-    for j, (label, k, seed) in enumerate(grid()):
-        if j % n != i or (label, k, seed) in have:
-            continue
-        if splits is None:
-            splits = TokenSplits.from_tokens(load_tokens(None), 0.05, s.block)
+
+    def run(label: str, k: int, seed: int, splits: TokenSplits) -> dict:
         method, hp = method_of[label]
         row = run_one(method, k, hp, s, splits, seed)
-        row.update(label=label, seed=seed, settings=s.__dict__, config=METHODS[method][1])
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row.update(settings=s.__dict__, config=METHODS[method][1])
+        return row
+
+    jsonl_grid.run_grid(args.out, grid(), args.shard, s.block, run)
     return 0
 
 

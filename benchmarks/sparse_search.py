@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jsonl_grid  # noqa: E402
 from quality_sweep import METHODS, REPO, Hyper, Settings, run_one  # noqa: E402
 
-from streaming_muloco.data import TokenSplits, load_tokens  # noqa: E402
+from streaming_muloco.data import TokenSplits  # noqa: E402
 
 SETTINGS = Settings(steps=1500, sync_every=30, global_batch=16, block=64, eval_every=300, eval_total=16,
                     eval_micro=8, ks=(4,))
@@ -66,33 +67,24 @@ def report(done: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSONL file: one finished run per line")
-    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th grid point from the i-th")
+    jsonl_grid.add_arguments(ap)
     ap.add_argument("--rows", type=lambda v: [r.strip() for r in v.split(";")], default=list(ROWS),
                     help="';'-separated row names")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out)
-    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.report:
-        print(report(done))
+        print(report(jsonl_grid.load_rows(args.out)))
         return 0
-    i, n = (int(v) for v in args.shard.split("/"))
     s = Settings(**{**SETTINGS.__dict__, "ks": (args.k,)})
-    have = {(r["label"], r["K"], r["seed"]) for r in done}
-    grid = [(name, seed) for seed in map(int, args.seeds.split(",")) for name in args.rows]
-    splits = None
-    for j, (name, seed) in enumerate(grid):
-        if j % n != i or (name, args.k, seed) in have:
-            continue
-        if splits is None:
-            splits = TokenSplits.from_tokens(load_tokens(None), 0.05, s.block)
-        row = run_one(name, args.k, Hyper(1.0, ROWS[name]["outer_lr"]), s, splits, seed)
-        row.update(label=name, seed=seed, settings=s.__dict__, config=ROWS[name])
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+
+    def run(name: str, k: int, seed: int, splits: TokenSplits) -> dict:
+        row = run_one(name, k, Hyper(1.0, ROWS[name]["outer_lr"]), s, splits, seed)
+        row.update(settings=s.__dict__, config=ROWS[name])
+        return row
+
+    points = [(name, args.k, seed) for seed in map(int, args.seeds.split(",")) for name in args.rows]
+    jsonl_grid.run_grid(args.out, points, args.shard, s.block, run)
     return 0
 
 
