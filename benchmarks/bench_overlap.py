@@ -24,15 +24,17 @@ from netns import Link, measure_mbit  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_one(link: Link, config: str, sets: list[str], steps: int, model: str) -> dict:
-    """One training job on the link; its result.json. (The SIGABRT once seen here in about 1 job in
-    16, "terminate called without an active exception", was a rank aborting at interpreter exit,
-    fixed by streaming_muloco.exit_process: benchmarks/abort_loop.py. The retry this function used to make for it
-    is gone.)"""
+def run_one(link: Link, config: str, sets: list[str], steps: int, model: str, extra: tuple[str, ...] = (),
+            eval_batches: int = 2) -> dict:
+    """One training job on the link; its result.json. `extra`: more train.py arguments (e.g.
+    --n-embd, --seed). (The SIGABRT once seen here in about 1 job in 16, "terminate called
+    without an active exception", was a rank aborting at interpreter exit, fixed by
+    streaming_muloco.exit_process: benchmarks/abort_loop.py. The retry this function used to make
+    for it is gone.)"""
     with tempfile.TemporaryDirectory() as out:
         argv = ["-m", "streaming_muloco.train", "--ds-config", config, "--model", model, "--steps", str(steps),
-                "--eval-every", str(steps), "--eval-batches", "2", "--log-every", str(steps), "--no-save",
-                "--out-dir", out]
+                "--eval-every", str(steps), "--eval-batches", str(eval_batches), "--log-every", str(steps),
+                "--no-save", "--out-dir", out, *extra]
         for s in sets:
             argv += ["--set", s]
         env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_overlap import run_one  # noqa: E402
 from netns import PFX, SUBNET, Link, measure_mbit, sh  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +68,9 @@ def tx_bytes() -> list[int]:
             for i in range(2)]
 
 
-def model_args(a: argparse.Namespace) -> list[str]:
-    out = ["--model", a.model]
+def size_args(a: argparse.Namespace) -> list[str]:
+    """--n-embd / --n-layer when given (both trainers take them)."""
+    out = []
     for key in ("n_embd", "n_layer"):
         if getattr(a, key) is not None:
             out += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
@@ -76,22 +78,12 @@ def model_args(a: argparse.Namespace) -> list[str]:
 
 
 def run_ours(link: Link, a: argparse.Namespace, section: dict) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        argv = ["-m", "streaming_muloco.train", "--ds-config", "ds_configs/diloco_cpu.json", *model_args(a),
-                "--steps", str(a.steps), "--eval-every", str(a.steps), "--eval-batches", str(a.eval_batches),
-                "--log-every", str(a.steps), "--no-save", "--out-dir", out, "--seed", str(a.seed),
-                "--set", f"train_micro_batch_size_per_gpu={a.micro_batch}",
-                "--set", f"streaming_muloco.sync_every={a.sync_every}",
-                "--set", f"streaming_muloco.num_fragments={a.fragments}",
-                "--set", f"streaming_muloco.sync_delay={section.get('sync_delay', a.sync_delay)}"]
-        for key, value in section.items():
-            if key != "sync_delay":
-                argv += ["--set", f"streaming_muloco.{key}={json.dumps(value)}"]
-        outs = link.run_ranks(argv, env=ENV, cwd=REPO, timeout=1800)
-        failed = [(rc, text) for rc, text in outs if rc != 0]
-        if failed:
-            raise RuntimeError(f"rank failed (rc={failed[0][0]}):\n{failed[0][1][-3000:]}")
-        r = json.loads(Path(out, "result.json").read_text())
+    sets = [f"train_micro_batch_size_per_gpu={a.micro_batch}", f"streaming_muloco.sync_every={a.sync_every}",
+            f"streaming_muloco.num_fragments={a.fragments}",
+            f"streaming_muloco.sync_delay={section.get('sync_delay', a.sync_delay)}"]
+    sets += [f"streaming_muloco.{key}={json.dumps(value)}" for key, value in section.items() if key != "sync_delay"]
+    r = run_one(link, "ds_configs/diloco_cpu.json", sets, a.steps, a.model,
+                extra=(*size_args(a), "--seed", str(a.seed)), eval_batches=a.eval_batches)
     return {"tokens_per_s": r["steady_tokens_per_s"], "final_eval_loss": r["final_eval_loss"],
             # launch (pseudo-gradient, eager step, compression if inline, send), wait, outer step, refresh
             "sync_seconds_on_training_thread": r["comm_launch_s"] + r["comm_exposed_s"] + r["apply_s"] + r["refresh_s"],
@@ -117,7 +109,7 @@ def run_torchft(a: argparse.Namespace) -> dict:
                         "--steps", str(a.steps), "--sync-every", str(a.sync_every), "--fragments", str(a.fragments),
                         "--sync-delay", str(a.sync_delay), "--micro-batch", str(a.micro_batch),
                         "--eval-batches", str(a.eval_batches), "--seed", str(a.seed), "--out", f"{out}/r{i}.json",
-                        *model_args(a)]
+                        "--model", a.model, *size_args(a)]
                 env = {**os.environ, **ENV, "GLOO_SOCKET_IFNAME": "eth0"}
                 procs.append(subprocess.Popen(["ip", "netns", "exec", f"{PFX}{i}", *argv], env=env, cwd=REPO,
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

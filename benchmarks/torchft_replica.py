@@ -35,21 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-class _Fragment:
-    """A named collection of the model's own parameters, as an nn.Module (torchft takes modules)."""
+def fragment_module(model, names: list[str]):
+    """The model's own parameters `names`, held by one nn.Module (torchft takes modules)."""
+    import torch
 
-    @staticmethod
-    def build(model, names: list[str]):
-        import torch
-
-        class Fragment(torch.nn.Module):
-            pass
-
-        frag = Fragment()
-        params = dict(model.named_parameters())
-        for i, n in enumerate(names):
-            frag.register_parameter(f"p{i}_" + n.replace(".", "_"), params[n])
-        return frag
+    frag, params = torch.nn.Module(), dict(model.named_parameters())
+    for i, n in enumerate(names):
+        frag.register_parameter(f"p{i}_" + n.replace(".", "_"), params[n])
+    return frag
 
 
 def main() -> int:
@@ -94,7 +87,7 @@ def main() -> int:
     micro = args.micro_batch or ds["train_micro_batch_size_per_gpu"]
 
     names = [n for n, _ in model.named_parameters()]
-    fragments = [_Fragment.build(model, f) for f in assign_fragments(names, args.fragments)]
+    fragments = [fragment_module(model, f) for f in assign_fragments(names, args.fragments)]
     inner = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
                               weight_decay=opt["weight_decay"])
     scheduler = WarmupCosineLR(inner, total_num_steps=args.steps, warmup_min_ratio=sched["warmup_min_ratio"],

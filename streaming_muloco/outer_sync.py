@@ -242,6 +242,10 @@ class OuterSync:
         store.put_back(frag.others, others)
         theta_g = self._outer_step(frag, g)
         self.shard.scatter(p, theta_g)
+        self._stepped(p, step, theta_g)
+
+    def _stepped(self, p: int, step: int, theta_g: torch.Tensor) -> None:
+        """Count an outer step written back, and tell the `after_finish` callbacks."""
         self.outer_steps += 1
         for callback in self.after_finish:
             callback(p, step, theta_g)
@@ -270,9 +274,7 @@ class OuterSync:
             theta_g = self._outer_step(frag, mean)
             alpha = self.cfg.mix_alpha
             self.shard.scatter(p, theta_g if alpha == 0.0 else mix(self.shard.gather(p), theta_g, alpha))
-            self.outer_steps += 1
-            for callback in self.after_finish:
-                callback(p, step, theta_g)
+            self._stepped(p, step, theta_g)
         apply_s = time.perf_counter() - t_apply
         self.observer.finished(p, step, mean, frag.own, wait_started=t0, waited_s=waited,
                                sync_s=time.perf_counter() - t0, outer_steps=self.outer_steps,

@@ -30,6 +30,8 @@ BAD_SECTIONS = [
       "compression": {"method": "statistical", "bits": 2, "collective": "two_phase"}},
      r"compression\.collective 'two_phase' with streaming_muloco\.eager_updates needs sync_delay \(3\) < "),
     ({"eager_updates": "yes"}, r"streaming_muloco\.eager_updates must be true or false"),
+    ({"eager_updates": True, "fault_tolerance": {"enabled": True, "lighthouse": "h:1"}},
+     r"streaming_muloco\.eager_updates does not work with streaming_muloco\.fault_tolerance\.enabled yet"),
     ({"mix_alpha": 1.5}, r"streaming_muloco\.mix_alpha \(1\.5\) must be in \[0, 1\]"),
     ({"outer_lr": 0}, r"streaming_muloco\.outer_lr \(0\.0\) must be > 0"),
     ({"outer_momentum": 1.0}, r"streaming_muloco\.outer_momentum \(1\.0\) must be in \[0, 1\)"),
