@@ -1,0 +1,138 @@
+/* Fused CPU kernels of the statistical quantizer (streaming_muloco/quantizers.py).
+ *
+ * Why by hand: in torch ops the quantizer makes ~7 passes per cache chunk (mean, centred copy,
+ * sum of squares, scale, clamp, int cast, pack) plus an embedding_bag per bin table, about 0.4x
+ * the throughput of a memory copy on a CPU core. Here each block of `B` elements is read from
+ * memory once and every pass runs on it while it sits in L1. Semantics are the torch path's
+ * (docs/design.md §8, "Kernels"): per block, 2**bits bins over mean ± clip·σ, codes packed
+ * little-endian within each byte, each bin's mean as metadata (its centre when empty).
+ * Only the summation order differs, so values on a bin edge may take the neighbouring bin.
+ *
+ * The caller splits work by blocks across threads; block b's codes start at byte b·B/per, so
+ * B must be a multiple of 8/bits (checked in Python) for two threads never to share a byte.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 8
+#define SUB 256 /* elements per sub-chunk of a block: codes kept in a stack array */
+
+static float clamp_bin(float t, float top) {
+    if (!(t >= 0.0f)) return 0.0f; /* also maps NaN to bin 0, where the torch cast gives 0 too */
+    return t > top ? top : t;
+}
+
+void sm_stat_quantize(const float *x, int64_t n, int64_t B, int bits, float clip, int64_t b0, int64_t b1,
+                      uint8_t *codes, float *meta) {
+    const int nbins = 1 << bits, per = 8 / bits;
+    const float half = (float)nbins / 2.0f, top = (float)nbins - 0.5f;
+    const float wscale = (float)(2.0 * (double)clip / (double)nbins);
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t s = b * B, m = (n - s < B) ? n - s : B;
+        const float *xb = x + s;
+        float acc[LANES] = {0};
+        int64_t i = 0;
+        for (; i + LANES <= m; i += LANES)
+            for (int l = 0; l < LANES; ++l) acc[l] += xb[i + l];
+        float tot = 0.0f;
+        for (int l = 0; l < LANES; ++l) tot += acc[l];
+        for (; i < m; ++i) tot += xb[i];
+        const float mean = tot / (float)m;
+        float sq[LANES] = {0};
+        for (i = 0; i + LANES <= m; i += LANES)
+            for (int l = 0; l < LANES; ++l) {
+                const float d = xb[i + l] - mean;
+                sq[l] += d * d;
+            }
+        float var = 0.0f;
+        for (int l = 0; l < LANES; ++l) var += sq[l];
+        for (; i < m; ++i) {
+            const float d = xb[i] - mean;
+            var += d * d;
+        }
+        float w = sqrtf(var / (float)m) * wscale;
+        float fl = fabsf(mean) * 0x1p-20f;
+        if (fl < 1e-30f) fl = 1e-30f;
+        if (w < fl) w = fl; /* a NaN width stays NaN, as torch.maximum keeps it */
+        const float inv = 1.0f / w;
+        /* per-bin totals in `hists` interleaved tables: independent read-modify-write chains; at
+         * 256 bins one table, as zeroing and merging four would cost more than they save */
+        const int hists = nbins <= 16 ? 4 : 1;
+        float sums[4][256], cnts[4][256];
+        for (int l = 0; l < hists; ++l) {
+            memset(sums[l], 0, sizeof(float) * nbins);
+            memset(cnts[l], 0, sizeof(float) * nbins);
+        }
+        uint8_t c[SUB];
+        uint8_t *out = codes + s / per;
+        for (int64_t j0 = 0; j0 < m; j0 += SUB) {
+            const int len = (int)((m - j0 < SUB) ? m - j0 : SUB);
+            const float *xs = xb + j0;
+            for (int k = 0; k < len; ++k) {
+                float t = (xs[k] - mean) * inv;
+                t += half;
+                c[k] = (uint8_t)(int)clamp_bin(t, top);
+            }
+            int k = 0;
+            if (hists == 4)
+                for (; k + 4 <= len; k += 4)
+                    for (int l = 0; l < 4; ++l) {
+                        sums[l][c[k + l]] += xs[k + l];
+                        cnts[l][c[k + l]] += 1.0f;
+                    }
+            for (; k < len; ++k) {
+                sums[0][c[k]] += xs[k];
+                cnts[0][c[k]] += 1.0f;
+            }
+            const int nbytes = (len + per - 1) / per;
+            for (int k = len; k < nbytes * per; ++k) c[k] = 0; /* padding codes of a partial last byte */
+            uint8_t *o = out + j0 / per;
+            if (per == 1) {
+                memcpy(o, c, (size_t)len);
+            } else if (per == 2) {
+                for (int q = 0; q < nbytes; ++q) o[q] = (uint8_t)(c[2 * q] | (c[2 * q + 1] << 4));
+            } else {
+                for (int q = 0; q < nbytes; ++q)
+                    o[q] = (uint8_t)(c[4 * q] | (c[4 * q + 1] << 2) | (c[4 * q + 2] << 4) | (c[4 * q + 3] << 6));
+            }
+        }
+        float *mb = meta + b * nbins;
+        for (int v = 0; v < nbins; ++v) {
+            const float centre = ((float)v + 0.5f - half) * w + mean;
+            float sv = sums[0][v], cv = cnts[0][v];
+            for (int l = 1; l < hists; ++l) {
+                sv += sums[l][v];
+                cv += cnts[l][v];
+            }
+            mb[v] = cv > 0.0f ? sv / cv : centre;
+        }
+    }
+}
+
+void sm_stat_dequantize(const uint8_t *codes, const float *means, int64_t n, int64_t B, int bits, int64_t b0,
+                        int64_t b1, float *out) {
+    const int nbins = 1 << bits, per = 8 / bits, mask = nbins - 1;
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t s = b * B, e = (n - s < B) ? n : s + B;
+        const float *mb = means + b * nbins;
+        int64_t i = s;
+        for (; i < e && i % per; ++i) out[i] = mb[(codes[i / per] >> ((i % per) * bits)) & mask];
+        if (per == 4) {
+            for (; i + 4 <= e; i += 4) {
+                const unsigned v = codes[i / 4];
+                out[i] = mb[v & 3];
+                out[i + 1] = mb[(v >> 2) & 3];
+                out[i + 2] = mb[(v >> 4) & 3];
+                out[i + 3] = mb[v >> 6];
+            }
+        } else if (per == 2) {
+            for (; i + 2 <= e; i += 2) {
+                const unsigned v = codes[i / 2];
+                out[i] = mb[v & 15];
+                out[i + 1] = mb[v >> 4];
+            }
+        }
+        for (; i < e; ++i) out[i] = mb[(codes[i / per] >> ((i % per) * bits)) & mask];
+    }
+}
