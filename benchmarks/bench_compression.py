@@ -31,10 +31,13 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streaming_muloco import native  # noqa: E402
 from streaming_muloco.compressors import make_compressor  # noqa: E402
 
 METHODS: list[tuple[str, int]] = [("linear", 8), ("linear", 4), ("linear", 2), ("statistical", 2),
                                   ("statistical", 4), ("e3m0", 4), ("topk", 32), ("sparse", 2)]
+# also timed on the torch-ops path (STREAMING_MULOCO_NATIVE=0), side by side with the fused kernels
+TORCH_PATH: list[tuple[str, int]] = [("statistical", 2), ("statistical", 4)]
 SPARSE_BLOCK = 4096  # "sparse" runs at its own chunk length (--sparse-block-size): see streaming_muloco/sparse.py
 
 
@@ -88,10 +91,14 @@ def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float, devi
         x = torch.randn(n, device=device)
         gb = n * 4 / 1e9
         clone_s = median_seconds(lambda: x.clone(), reps, device, clock)
-        for method, bits in METHODS:
+        variants = [(m, b, True) for m, b in METHODS] + [(m, b, False) for m, b in TORCH_PATH]
+        for method, bits, fused in variants:
+            os.environ[native.ENV] = "1" if fused else "0"
             block = sparse_block if method == "sparse" else block_size
             comp = make_compressor(method, bits if method != "topk" else 8, block, topk_fraction)
             name = f"{comp.name} B{block}" if method == "sparse" else comp.name
+            if method == "statistical":
+                name += " (fused C)" if fused and native.usable(x) else " (torch ops)"
             p = comp.compress(x)
             c_s = median_seconds(lambda: comp.compress(x), reps, device, clock)
             d_s = median_seconds(lambda: comp.decompress(p), reps, device, clock)
@@ -99,6 +106,7 @@ def run(sizes: list[int], reps: int, block_size: int, topk_fraction: float, devi
                          "clone_GBps": gb / clone_s, "compress_GBps": gb / c_s, "decompress_GBps": gb / d_s,
                          "compress_x_clone": clone_s / c_s, "decompress_x_clone": clone_s / d_s})
             comp.release_scratch()
+        os.environ.pop(native.ENV, None)
         if n % (4 * block_size) == 0:  # the naive references, timed the same way
             naive = (("naive int8 absmax", naive_int8_absmax, naive_int8_decode, 8 + 32 / block_size),
                      ("naive linear2", naive_linear2, naive_linear2_decode, 2 + 64 / block_size))

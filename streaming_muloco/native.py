@@ -1,4 +1,4 @@
-"""The fused CPU kernels of `csrc/` (the statistical quantizer), built once per machine.
+"""The fused CPU kernels of `csrc/` (statistical encode, block table decode), built once per machine.
 
 Why a C file through ctypes rather than `torch.utils.cpp_extension`: the kernels use no torch
 API, so they build with the system C compiler in well under a second (a torch extension spends
@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger("streaming_muloco")
 
 ENV = "STREAMING_MULOCO_NATIVE"  # "0": use the torch-ops path everywhere
-SOURCE = Path(__file__).with_name("csrc") / "statistical.c"
+SOURCE = Path(__file__).with_name("csrc") / "block_codes.c"
 FLAGS = ("-O3", "-shared", "-fPIC", "-fno-strict-aliasing")
 THREADED_MIN = 1 << 18  # elements: below this one thread is faster than handing out work
 
@@ -58,7 +58,7 @@ def build(out_dir: Path, cc: str | None = None) -> tuple[ctypes.CDLL | None, str
         return None, f"no C compiler ({cc!r} not found)"
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join((cc, *FLAGS, platform.machine())).encode()).hexdigest()[:16]
-    lib_path = out_dir / f"statistical_{key}.so"
+    lib_path = out_dir / f"block_codes_{key}.so"
     if not lib_path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
@@ -81,8 +81,8 @@ def build(out_dir: Path, cc: str | None = None) -> tuple[ctypes.CDLL | None, str
     i64, vp, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.sm_stat_quantize.argtypes = [vp, i64, i64, c_int, c_float, i64, i64, vp, vp]
     lib.sm_stat_quantize.restype = None
-    lib.sm_stat_dequantize.argtypes = [vp, vp, i64, i64, c_int, i64, i64, vp]
-    lib.sm_stat_dequantize.restype = None
+    lib.sm_block_lut_decode.argtypes = [vp, vp, i64, i64, c_int, i64, i64, vp]
+    lib.sm_block_lut_decode.restype = None
     return lib, ""
 
 
@@ -143,12 +143,12 @@ def stat_quantize(x: torch.Tensor, block: int, bits: int, clip: float, codes: to
     _run(lib.sm_stat_quantize, nb, n, (x.data_ptr(), n, block, bits, clip), (codes.data_ptr(), meta.data_ptr()))
 
 
-def stat_dequantize(codes: torch.Tensor, means: torch.Tensor, block: int, bits: int, out: torch.Tensor) -> None:
-    """out[i] = means[block of i, code i] for the packed codes of out.numel() elements."""
+def lut_decode(codes: torch.Tensor, tables: torch.Tensor, block: int, bits: int, out: torch.Tensor) -> None:
+    """out[i] = tables[block of i, code i] for the packed codes of out.numel() elements."""
     lib = library()
     n = out.numel()
     nb = -(-n // block)
-    if lib is None or out.dtype != torch.float32 or means.dtype != torch.float32 or codes.dtype != torch.uint8 \
-            or codes.numel() < -(-n // (8 // bits)) or means.numel() < nb << bits:
-        raise ValueError(f"stat_dequantize: bad arguments (n={n}, block={block}, bits={bits})")
-    _run(lib.sm_stat_dequantize, nb, n, (codes.data_ptr(), means.data_ptr(), n, block, bits), (out.data_ptr(),))
+    if lib is None or out.dtype != torch.float32 or tables.dtype != torch.float32 or codes.dtype != torch.uint8 \
+            or codes.numel() < -(-n // (8 // bits)) or tables.numel() < nb << bits:
+        raise ValueError(f"lut_decode: bad arguments (n={n}, block={block}, bits={bits})")
+    _run(lib.sm_block_lut_decode, nb, n, (codes.data_ptr(), tables.data_ptr(), n, block, bits), (out.data_ptr(),))

@@ -96,5 +96,17 @@ def test_a_missing_or_failing_compiler_is_reported_not_raised(tmp_path: Path) ->
 def test_a_fresh_build_directory_builds_and_loads(tmp_path: Path) -> None:
     lib, why = native.build(tmp_path)
     assert lib is not None and why == ""
-    assert len(list(tmp_path.glob("statistical_*.so"))) == 1
+    assert len(list(tmp_path.glob("block_codes_*.so"))) == 1
     assert native.build(tmp_path)[0] is not None  # the cached library is reused
+
+
+@pytest.mark.parametrize("block", [64, 250])
+def test_e3m0_decodes_bit_identically_on_either_path(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """e3m0 decodes through the table kernel: levels times the block scale, the torch path's products."""
+    x = torch.randn(9 * block + 7) * torch.logspace(-3, 1, 9 * block + 7)
+    monkeypatch.setenv(native.ENV, "0")
+    c = make_compressor("e3m0", 4, block)
+    p = c.compress(x)
+    want = c.decompress(p)
+    monkeypatch.setenv(native.ENV, "1")
+    assert torch.equal(make_compressor("e3m0", 4, block).decompress(p), want)

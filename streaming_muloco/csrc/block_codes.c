@@ -1,4 +1,4 @@
-/* Fused CPU kernels of the statistical quantizer (streaming_muloco/quantizers.py).
+/* Fused CPU kernels of the block quantizers: statistical encode, table-lookup decode (streaming_muloco/quantizers.py).
  *
  * Why by hand: in torch ops the quantizer makes ~7 passes per cache chunk (mean, centred copy,
  * sum of squares, scale, clamp, int cast, pack) plus an embedding_bag per bin table, about 0.4x
@@ -110,7 +110,10 @@ void sm_stat_quantize(const float *x, int64_t n, int64_t B, int bits, float clip
     }
 }
 
-void sm_stat_dequantize(const uint8_t *codes, const float *means, int64_t n, int64_t B, int bits, int64_t b0,
+/* Decode of any block quantizer whose value is a per-block table lookup: out[i] = tables[block of
+ * i][code i] (statistical: the bin means; e3m0: the 16 levels times the block scale). Reads only
+ * the codes, so any B works; each block writes only its own outputs. */
+void sm_block_lut_decode(const uint8_t *codes, const float *means, int64_t n, int64_t B, int bits, int64_t b0,
                         int64_t b1, float *out) {
     const int nbins = 1 << bits, per = 8 / bits, mask = nbins - 1;
     for (int64_t b = b0; b < b1; ++b) {
