@@ -1,4 +1,5 @@
-"""The fused CPU kernels of `csrc/` (statistical encode, block table decode), built once per machine.
+"""The fused CPU kernels of `csrc/` (statistical encode, block table decode, sparse top-k), built once
+per machine.
 
 Why a C file through ctypes rather than `torch.utils.cpp_extension`: the kernels use no torch
 API, so they build with the system C compiler in well under a second (a torch extension spends
@@ -83,6 +84,8 @@ def build(out_dir: Path, cc: str | None = None) -> tuple[ctypes.CDLL | None, str
     lib.sm_stat_quantize.restype = None
     lib.sm_block_lut_decode.argtypes = [vp, vp, i64, i64, c_int, i64, i64, vp]
     lib.sm_block_lut_decode.restype = None
+    lib.sm_sparse_select.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp]
+    lib.sm_sparse_select.restype = None
     return lib, ""
 
 
@@ -152,3 +155,20 @@ def lut_decode(codes: torch.Tensor, tables: torch.Tensor, block: int, bits: int,
             or codes.numel() < -(-n // (8 // bits)) or tables.numel() < nb << bits:
         raise ValueError(f"lut_decode: bad arguments (n={n}, block={block}, bits={bits})")
     _run(lib.sm_block_lut_decode, nb, n, (codes.data_ptr(), tables.data_ptr(), n, block, bits), (out.data_ptr(),))
+
+
+def sparse_select(x: torch.Tensor, block: int, kf: int, kt: int, idx: torch.Tensor, codes: torch.Tensor,
+                  levels: torch.Tensor) -> None:
+    """Per chunk of `block` elements of flat fp32 `x` (the tail keeps kt, full chunks kf): the
+    chunk-local indices of the kept values in ascending order (int64), their unpacked 2-bit codes
+    (uint8) and the chunk's [low, high] magnitude levels (fp32), as `sparse.py` lays them out."""
+    lib = library()
+    n = x.numel()
+    nf, r = divmod(n, block)
+    nb, kk = nf + (1 if r else 0), nf * kf + (kt if r else 0)
+    if lib is None or x.dtype != torch.float32 or idx.dtype != torch.int64 or codes.dtype != torch.uint8 \
+            or levels.dtype != torch.float32 or idx.numel() < kk or codes.numel() < kk or levels.numel() < 2 * nb \
+            or not 0 < kf <= block or (r and not 0 < kt <= r):
+        raise ValueError(f"sparse_select: bad arguments (n={n}, block={block}, kf={kf}, kt={kt})")
+    _run(lib.sm_sparse_select, nb, n, (x.data_ptr(), n, block, kf, kt),
+         (idx.data_ptr(), codes.data_ptr(), levels.data_ptr()))

@@ -51,6 +51,7 @@ import math
 import numpy as np
 import torch
 
+from . import native
 from .compression import META_DTYPES, Layout, Payload, kept_count, layout_nbytes, make_layout, unpack_into
 from .quantizers import Blocks, _BlockQuantizer
 
@@ -128,6 +129,14 @@ class SparseQuantizer(_BlockQuantizer):
         kf, kt = self.k(B), self.k(r)
         kk = nf * kf + kt
         idx = self._work("sp_idx", kk, torch.int64, dev)
+        if native.usable(x, p.codes, p.meta):  # one fused pass per chunk: selection, codes, levels
+            codes = self._code_buffer(kk, dev)
+            levels = self._work("sp_lev", 2 * blocks.nb, torch.float32, dev)
+            native.sparse_select(x, B, kf, kt, idx, codes, levels)
+            p.meta.copy_(levels)  # rounded to nearest in meta_dtype
+            self._pack_from(codes, kk, 0, p.codes)
+            pack_uints(idx, self.index_bits(B), p.indices)
+            return
         val = self._work("sp_val", kk, torch.float32, dev)
         if nf:
             full = x[:nf * B].view(nf, B)

@@ -110,3 +110,31 @@ def test_e3m0_decodes_bit_identically_on_either_path(block: int, monkeypatch: py
     want = c.decompress(p)
     monkeypatch.setenv(native.ENV, "1")
     assert torch.equal(make_compressor("e3m0", 4, block).decompress(p), want)
+
+
+@pytest.mark.parametrize("block,frac,n", [(4096, 0.03, 3 * 4096 + 1000), (1024, 0.01, 5000), (256, 0.5, 700)])
+def test_sparse_selection_agrees_with_the_numpy_path(block: int, frac: float, n: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same kept set (continuous data: no ties), same decoded values; the order of the kept values
+    inside a chunk differs (ascending here), so the payload bytes may differ."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g).add_(0.1)
+    out = {}
+    for path, env in (("native", "1"), ("torch", "0")):
+        monkeypatch.setenv(native.ENV, env)
+        c = make_compressor("sparse", 2, block, frac)
+        p = c.compress(x)
+        out[path] = (p, c.decompress(p))
+    (pn, yn), (pt, yt) = out["native"], out["torch"]
+    assert pn.nbytes == pt.nbytes
+    assert torch.equal(yn != 0, yt != 0)
+    torch.testing.assert_close(yn, yt, rtol=2**-7, atol=0.0)  # levels: bf16, summed in another order
+
+
+def test_sparse_ties_keep_exactly_k_lowest_indices_first() -> None:
+    """A constant chunk: every key ties at the threshold; k are kept, the first k."""
+    c = make_compressor("sparse", 2, 1024, 0.01)
+    x = torch.full((1024,), -0.5)
+    y = c.decompress(c.compress(x))
+    k = c.k(1024)
+    assert torch.equal(y[:k], x[:k]) and not y[k:].any()

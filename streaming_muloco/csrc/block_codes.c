@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 8
@@ -138,4 +139,104 @@ void sm_block_lut_decode(const uint8_t *codes, const float *means, int64_t n, in
         }
         for (; i < e; ++i) out[i] = mb[(codes[i / per] >> ((i % per) * bits)) & mask];
     }
+}
+
+/* |x| as its fp32 bit pattern with the sign cleared: ordered like |x| (NaN above +inf). */
+static uint32_t abs_key(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u & 0x7FFFFFFFu;
+}
+
+/* The k largest |x| of one chunk of L (streaming_muloco/sparse.py): chunk-local indices in
+ * ascending order, their 2-bit codes (sign << 1 | magnitude bit, unpacked) and the chunk's two
+ * magnitude levels [low, high]. Radix select on the bit patterns of |x|, in two passes over the
+ * chunk: a histogram of the top 8 bits (four interleaved tables, so repeated buckets do not
+ * serialise) names the bucket that holds the k-th largest key; a second pass keeps the indices
+ * above that bucket and copies the bucket's keys to `ckey`, where 8 more bits at a time settle
+ * the threshold. Ties at the threshold go to the lowest indices. Scratch: `ws` holds 3·L words. */
+static void sparse_chunk(const float *x, int64_t L, int64_t k, int64_t *idx, uint8_t *code, float *lev,
+                         uint32_t *ws) {
+    if (k >= L) {
+        for (int64_t i = 0; i < L; ++i) idx[i] = i;
+    } else {
+        uint32_t h4[4][256], hist[256];
+        memset(h4, 0, sizeof h4);
+        int64_t i = 0;
+        for (; i + 4 <= L; i += 4)
+            for (int l = 0; l < 4; ++l) ++h4[l][abs_key(x[i + l]) >> 23];
+        for (; i < L; ++i) ++h4[0][abs_key(x[i]) >> 23];
+        for (int v = 0; v < 256; ++v) hist[v] = h4[0][v] + h4[1][v] + h4[2][v] + h4[3][v];
+        int need = (int)k, b = 255; /* need: keys still to take from the threshold's bucket */
+        while ((int)hist[b] < need) need -= (int)hist[b--];
+        uint32_t *above = ws, *ckey = ws + L, *cidx = ws + 2 * L;
+        int64_t na = 0, nc = 0;
+        const uint32_t bb = (uint32_t)b;
+        for (i = 0; i < L; ++i) { /* branch-free: write always, advance when it belongs */
+            const uint32_t u = abs_key(x[i]), e = u >> 23;
+            above[na] = (uint32_t)i;
+            na += e > bb;
+            ckey[nc] = u;
+            cidx[nc] = (uint32_t)i;
+            nc += e == bb;
+        }
+        uint32_t prefix = bb;
+        int shift = 23;
+        const int shifts[3] = {15, 7, 0};
+        for (int lv = 0; lv < 3 && (int64_t)need < nc; ++lv) {
+            const int sh = shifts[lv], width = shift - sh; /* 8 bits, 7 at the last level */
+            memset(hist, 0, sizeof hist);
+            for (int64_t c = 0; c < nc; ++c)
+                if ((ckey[c] >> shift) == prefix) ++hist[(ckey[c] >> sh) & ((1u << width) - 1)];
+            int bl = (1 << width) - 1;
+            while ((int)hist[bl] < need) need -= (int)hist[bl--];
+            prefix = (prefix << width) | (uint32_t)bl;
+            shift = sh;
+            if ((int)hist[bl] == need) break; /* the whole bucket is taken: no tie to break */
+        }
+        /* merge, in index order, the keys above the bucket with the bucket's chosen ones */
+        int64_t j = 0, a = 0;
+        for (int64_t c = 0; c < nc; ++c) {
+            const uint32_t top = ckey[c] >> shift;
+            if (!(top > prefix || (top == prefix && need > 0 && need--))) continue;
+            while (a < na && above[a] < cidx[c]) idx[j++] = above[a++];
+            idx[j++] = cidx[c];
+        }
+        while (a < na) idx[j++] = above[a++];
+    }
+    float lo = INFINITY, hi = 0.0f;
+    for (int64_t q = 0; q < k; ++q) {
+        const float v = x[idx[q]], m = fabsf(v);
+        lo = m < lo ? m : lo;
+        hi = m > hi ? m : hi;
+        code[q] = (uint8_t)((v < 0.0f) << 1);
+    }
+    const float mid = (lo + hi) * 0.5f;
+    float s_hi = 0.0f, s_lo = 0.0f, n_hi = 0.0f;
+    for (int64_t q = 0; q < k; ++q) {
+        const float m = fabsf(x[idx[q]]);
+        if (m >= mid) { /* the max always reaches the midpoint, so n_hi >= 1 */
+            code[q] |= 1;
+            s_hi += m;
+            n_hi += 1.0f;
+        } else {
+            s_lo += m;
+        }
+    }
+    const float n_lo = (float)k - n_hi;
+    lev[0] = n_lo > 0.0f ? s_lo / n_lo : lo; /* no value in the low half: lo == hi */
+    lev[1] = s_hi / n_hi;
+}
+
+/* Chunks [b0, b1) of x (n elements, chunks of B keeping kf; a partial tail chunk keeps kt). */
+void sm_sparse_select(const float *x, int64_t n, int64_t B, int64_t kf, int64_t kt, int64_t b0, int64_t b1,
+                      int64_t *idx, uint8_t *code, float *levels) {
+    const int64_t nf = n / B;
+    uint32_t *ws = malloc(sizeof(uint32_t) * 3 * (size_t)(B < n ? B : n)); /* one chunk's scratch */
+    if (!ws) abort();
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t L = b < nf ? B : n - nf * B, k = b < nf ? kf : kt, slot = b * kf;
+        sparse_chunk(x + b * B, L, k, idx + slot, code + slot, levels + 2 * b, ws);
+    }
+    free(ws);
 }
