@@ -30,7 +30,9 @@ k(B)·(2 + log2 B)/B + 32/B, which is 0.242 bits at B = 256 (metadata dominates)
 0.149 at 2048, 0.148 at 4096 and 0.162 at 16384 (indices grow): 4096 is the minimum, and the
 larger the chunk the closer its picks come to the global top-k.
 
-Selection is exact per chunk (ties broken arbitrarily). On CPU, a top-k over whole chunks costs
+Selection is exact per chunk (ties broken arbitrarily). On CPU the fused C kernel of
+`native.py` selects, codes and levels each chunk in one call (a radix select on the bit patterns
+of |x|, kept indices ascending; docs/design.md §5). Without it: a top-k over whole chunks costs
 ~4-7 ns per element (torch.topk, numpy.argpartition); instead a chunk of length L is cut into
 G = L/g strided groups (group c holds the elements c, c+G, c+2G, ...), whose max |x| takes one
 vectorised pass (|x| in L2-sized slices, then amax over the middle dimension). All of the k

@@ -1,15 +1,20 @@
-/* Fused CPU kernels of the block quantizers: statistical encode, table-lookup decode (streaming_muloco/quantizers.py).
+/* Fused CPU kernels of the block compressors (streaming_muloco/native.py loads them):
+ * - sm_stat_quantize: the statistical quantizer's encode (quantizers.py);
+ * - sm_block_lut_decode: per-block table-lookup decode (statistical bin means, e3m0 levels);
+ * - sm_sparse_select: the sparse compressor's per-chunk top-k, codes and levels (sparse.py).
  *
- * Why by hand: in torch ops the quantizer makes ~7 passes per cache chunk (mean, centred copy,
- * sum of squares, scale, clamp, int cast, pack) plus an embedding_bag per bin table, about 0.4x
- * the throughput of a memory copy on a CPU core. Here each block of `B` elements is read from
- * memory once and every pass runs on it while it sits in L1. Semantics are the torch path's
- * (docs/design.md §8, "Kernels"): per block, 2**bits bins over mean ± clip·σ, codes packed
- * little-endian within each byte, each bin's mean as metadata (its centre when empty).
- * Only the summation order differs, so values on a bin edge may take the neighbouring bin.
+ * Why by hand: in torch ops the statistical quantizer makes ~7 passes per cache chunk (mean,
+ * centred copy, sum of squares, scale, clamp, int cast, pack) plus an embedding_bag per bin
+ * table, about 0.4x the throughput of a memory copy on a CPU core; a top-k per chunk has no
+ * cheap torch form either. Here each block is read from memory once and every pass runs on it
+ * while it sits in L1 (docs/design.md §5, "Fused CPU kernels"). Semantics are the Python
+ * paths': statistical codes are packed little-endian within each byte, each bin's mean is its
+ * metadata (its centre when empty); only summation orders differ, so a value on a bin edge may
+ * take the neighbouring bin.
  *
- * The caller splits work by blocks across threads; block b's codes start at byte b·B/per, so
- * B must be a multiple of 8/bits (checked in Python) for two threads never to share a byte.
+ * The caller splits work by blocks across threads; each call writes only its blocks' outputs.
+ * Statistical block b's codes start at byte b·B/per, so B must be a multiple of 8/bits
+ * (checked in Python) for two threads never to share a byte.
  */
 #include <math.h>
 #include <stdint.h>
