@@ -37,13 +37,15 @@ ROWS = [("MuLoCo fp32", "MuLoCo", "MuLoCo"),
         ("MuLoCo 4-bit (shipped)", "MuLoCo 4-bit shipped", "MuLoCo"),
         ("MuLoCo sparse 2-bit (shipped)", "MuLoCo sparse shipped", "config"),
         ("DiLoCo fp32", "DiLoCo", "DiLoCo"),
-        ("DiLoCo 2-bit", "DiLoCo 2-bit shipped", "DiLoCo")]
+        ("DiLoCo 2-bit", "DiLoCo 2-bit shipped", "DiLoCo"),
+        ("DiLoCo sparse 2-bit (SparseLoCo's recipe)", "DiLoCo sparse shipped", "DiLoCo inner")]
 
 
 def best_rates() -> dict[str, Hyper]:
     meta = json.loads((REPO / "benchmarks/results/quality.json").read_text())["meta"]["best"]
     rates = {m: Hyper(**meta[m]) for m in ("MuLoCo", "DiLoCo")}
     rates["config"] = Hyper(1.0, None)  # the shipped config's own outer lr (sparse: SparseLoCo's recipe)
+    rates["DiLoCo inner"] = Hyper(rates["DiLoCo"].inner_mult, None)  # DiLoCo's inner lr, the config's outer lr
     return rates
 
 

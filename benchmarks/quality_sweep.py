@@ -104,6 +104,8 @@ STUDY.update({
     "MuLoCo 2-bit shipped": ("muloco_cpu.json", _shipped("muloco_2bit_ef_cpu.json")),
     "MuLoCo sparse shipped": ("muloco_cpu.json", _shipped("muloco_sparse_cpu.json", outer=True)),
     "DiLoCo 2-bit shipped": ("diloco_cpu.json", _shipped("muloco_2bit_ef_cpu.json")),
+    # SparseLoCo as its paper ran it: AdamW inner steps, the sparse config's compression and outer step
+    "DiLoCo sparse shipped": ("diloco_cpu.json", _shipped("muloco_sparse_cpu.json", outer=True)),
 })
 METHODS.update(STUDY)
 TUNE_WITH_MULOCO = set(COMPRESSED) | set(STUDY)  # compressed rows inherit MuLoCo's rates unless tuned
@@ -122,6 +124,7 @@ class Settings:
     eval_total: int  # eval batches in all, split over the K replicas (so divisible by every K)
     eval_micro: int
     ks: tuple[int, ...]
+    model: str = "tiny"  # a `model.py` preset
 
 
 FULL = Settings(steps=480, sync_every=30, global_batch=32, block=64, eval_every=60, eval_total=32, eval_micro=16,
@@ -161,7 +164,7 @@ def build_config(method: str, K: int, hp: Hyper, s: Settings) -> dict:
 
 def run_one(method: str, K: int, hp: Hyper, s: Settings, splits: TokenSplits, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = simulate(build_config(method, K, hp, s), steps=s.steps, model="tiny", block_size=s.block, seed=seed,
+    res = simulate(build_config(method, K, hp, s), steps=s.steps, model=s.model, block_size=s.block, seed=seed,
                    micro_batch=s.global_batch // K, eval_every=s.eval_every, eval_batches=s.eval_total // K,
                    eval_micro_batch=s.eval_micro, splits=splits, dp_world=K, log_every=s.eval_every)
     row = {"method": method, "K": K, **dataclasses.asdict(hp), "final_eval_loss": res["final_eval_loss"],
