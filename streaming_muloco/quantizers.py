@@ -123,7 +123,12 @@ def _check_block_args(method: str, bits: int, allowed: tuple[int, ...], block_si
 class _BlockQuantizer(Compressor):
     """Shared plumbing of the block quantizers: layout, caches, packing of integer codes."""
 
-    _serial_lookup = False  # whether decoding writes `out` through `index_select` (serial on CPU)
+    _lookup_decoder = False  # whether the torch decoder writes `out` through `index_select`
+
+    @property
+    def _serial_lookup(self) -> bool:
+        """A torch lookup decoder is serial on CPU; the fused one (`native.py`) is threaded."""
+        return self._lookup_decoder and native.library() is None
 
     def __init__(self, bits: int, block_size: int, meta_dtype: torch.dtype, meta_per_block: int) -> None:
         super().__init__()
@@ -279,6 +284,7 @@ class StatisticalQuantizer(_BlockQuantizer):
     """
 
     method = "statistical"
+    _lookup_decoder = True
 
     def __init__(self, bits: int, block_size: int, clip: float = 6.0,
                  meta_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -295,11 +301,6 @@ class StatisticalQuantizer(_BlockQuantizer):
         offsets = torch.arange(0, (b1 - b0) * self.nbins, self.nbins, dtype=torch.int32, device=ids.device)
         for iv, sl in blocks.views(ids, s, e):
             iv.add_(offsets[sl.start - b0:sl.stop - b0, None])
-
-    @property
-    def _serial_lookup(self) -> bool:  # type: ignore[override]
-        """The torch decoder's `index_select` is serial on CPU; the fused one is threaded."""
-        return not native.enabled() or native.library() is None
 
     def _quantize(self, x: torch.Tensor, p: Payload, blocks: Blocks) -> None:
         if blocks.B % self.per == 0 and native.usable(x, p.codes, p.meta):
@@ -410,6 +411,7 @@ class E3M0Quantizer(_BlockQuantizer):
     """
 
     method = "e3m0"
+    _lookup_decoder = True
 
     def __init__(self, block_size: int, meta_dtype: torch.dtype = torch.bfloat16) -> None:
         _check_block_args(self.method, 4, (4,), block_size, meta_dtype)
@@ -440,11 +442,6 @@ class E3M0Quantizer(_BlockQuantizer):
             yi.clamp_min_(_F32_BITS_2_M6).bitwise_right_shift_(23).sub_(120)  # biased exponent − 120 = e, 1..7
             code.bitwise_or_(yi.bitwise_and_(zero.bitwise_not_()))
             self._store_int_codes(code, s, p.codes)
-
-    @property
-    def _serial_lookup(self) -> bool:  # type: ignore[override]
-        """The torch decoder's `index_select` is serial on CPU; the fused one is threaded."""
-        return not native.enabled() or native.library() is None
 
     def _dequantize(self, p: Payload, out: torch.Tensor, blocks: Blocks) -> None:
         dev = p.codes.device
