@@ -2,15 +2,16 @@
 bring SparseLoCo-style compression close to uncompressed MuLoCo.
 
 Settings as benchmarks/eager_quality.py: K=4, H=30, 1,500 inner steps (50 rounds), 16 sequences
-of 64 tokens per step split over the replicas, tiny model, Muon inner at MuLoCo's tuned rates.
-Each row sets the compression section and the outer optimizer; finished runs are appended to
-the JSONL file, and a rerun skips what is there.
+of 64 tokens per step split over the replicas, tiny model, Muon inner at MuLoCo's tuned rates,
+unless a row names DiLoCo (AdamW inner) or the "small" model. Each row sets the compression
+section and the outer optimizer and is compared with its own fp32 row on the same seeds;
+finished runs are appended to the JSONL file, and a rerun skips what is there.
 
     nice -n 5 python benchmarks/sparse_search.py --out benchmarks/results/sparse_search.jsonl --shard 0/2 &
     nice -n 5 python benchmarks/sparse_search.py --out benchmarks/results/sparse_search.jsonl --shard 1/2
     python benchmarks/sparse_search.py --out benchmarks/results/sparse_search.jsonl --report
 
-Date 2026-11-25, seed 1, commit 576b43b + this script: see BENCHMARKS.md ("Sparse search").
+Date 2026-11-25, seeds 1 and 2, commits 576b43b..ca9f9d2: see BENCHMARKS.md ("Sparse search").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from streaming_muloco import compression, native
+from streaming_muloco import compression
 from streaming_muloco.compression import (
     METHODS,
     Compressor,
@@ -189,14 +189,6 @@ def test_e3m0_decodes_every_value_to_its_nearest_level() -> None:
         assert xb.abs().max() <= s <= xb.abs().max() * (1 + 2**-6)  # absmax, rounded up (<= 2 bf16 ulps)
 
 
-@pytest.fixture(params=["native", "torch"])
-def stat_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a statistical-quantizer test on the fused C kernels and on the torch-ops path."""
-    monkeypatch.setenv(native.ENV, "1" if request.param == "native" else "0")
-    assert (native.library() is not None) == (request.param == "native")
-    return request.param
-
-
 def _statistical_reference(x: torch.Tensor, codes: torch.Tensor, block: int, bits: int,
                            clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Slow per-block loops: the reference bins and, from the given codes, the bin means."""
@@ -215,7 +207,7 @@ def _statistical_reference(x: torch.Tensor, codes: torch.Tensor, block: int, bit
 
 
 @pytest.mark.parametrize("bits,clip", [(2, 6.0), (4, 6.0), (2, 1.0), (4, 2.0)])
-def test_statistical_reconstructs_each_bin_as_the_mean_of_its_values(bits: int, clip: float, stat_path: str) -> None:
+def test_statistical_reconstructs_each_bin_as_the_mean_of_its_values(bits: int, clip: float, kernel_path: str) -> None:
     block, n = 64, 300
     x = torch.randn(n) + torch.linspace(-2, 2, n)
     c = comp("statistical", bits, block, stat_clip=clip, meta_dtype=torch.float32)
@@ -226,7 +218,7 @@ def test_statistical_reconstructs_each_bin_as_the_mean_of_its_values(bits: int, 
     torch.testing.assert_close(c.decompress(p), ref_recon, rtol=1e-5, atol=1e-6)
 
 
-def test_statistical_empty_bins_carry_finite_centres(stat_path: str) -> None:
+def test_statistical_empty_bins_carry_finite_centres(kernel_path: str) -> None:
     x = torch.tensor([-1.0, 1.0] * 32)  # two values: at 4 bits most bins are empty
     c = comp("statistical", 4, 64, meta_dtype=torch.float32)
     p = c.compress(x)
@@ -236,7 +228,7 @@ def test_statistical_empty_bins_carry_finite_centres(stat_path: str) -> None:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("block", [64, 256, 1000])
-def test_statistical_codes_and_bin_means_match_a_per_block_reference(bits: int, block: int, stat_path: str) -> None:
+def test_statistical_codes_and_bin_means_match_a_per_block_reference(bits: int, block: int, kernel_path: str) -> None:
     """Per block (and the tail block): code = the bin of mean ± clip·σ a value falls in (end bins
     open), meta = the mean of the values with each code, or the bin's centre when none has it."""
     nbins, clip = 2**bits, 6.0
@@ -262,7 +254,7 @@ def test_statistical_codes_and_bin_means_match_a_per_block_reference(bits: int, 
 
 @pytest.mark.parametrize("other", [64, 1000])
 @pytest.mark.parametrize("method,bits", [("statistical", 2), ("statistical", 4), ("e3m0", 4)])
-def test_block_quantizers_follow_the_blocks_they_are_given(method: str, bits: int, other: int, stat_path: str) -> None:
+def test_block_quantizers_follow_the_blocks_they_are_given(method: str, bits: int, other: int, kernel_path: str) -> None:
     """A wrapper (segments.py) calls the hooks with its own block size, e.g. a row length."""
     c, ref = comp(method, bits, 256), comp(method, bits, other)
     n = 3 * other + 37

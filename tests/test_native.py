@@ -1,18 +1,20 @@
-"""The fused CPU kernels of the statistical quantizer (streaming_muloco/native.py, csrc/).
+"""The fused CPU kernels (streaming_muloco/native.py, csrc/): statistical encode, table decode,
+sparse selection.
 
-The quantizer's own tests (test_compression.py) run both paths against a slow reference; these
-check what is particular to the kernels: they build here, they agree with the torch path, the
-threaded split changes nothing, and a missing compiler leaves a working (torch) quantizer.
+The compressors' own tests (test_compression.py, test_sparse.py) run both paths against their
+references; these check what is particular to the kernels: they build here, they agree with the
+torch path, the threaded split changes nothing, and a missing compiler leaves working compressors.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 from streaming_muloco import native
-from streaming_muloco.compression import unpack_bits
+from streaming_muloco.compression import Compressor, Payload, unpack_bits
 from streaming_muloco.compressors import make_compressor
 
 
@@ -20,11 +22,13 @@ def stat(bits: int, block: int, clip: float = 1.5):
     return make_compressor("statistical", bits, block, stat_clip=clip)
 
 
-def both_paths(monkeypatch: pytest.MonkeyPatch, bits: int, block: int, x: torch.Tensor):
+def both_paths(monkeypatch: pytest.MonkeyPatch, make: Callable[[], Compressor],
+               x: torch.Tensor) -> dict[str, tuple[Payload, torch.Tensor, Compressor]]:
+    """{path: (payload, its decoded values, the compressor)} of `x` on each path."""
     out = {}
     for path, env in (("native", "1"), ("torch", "0")):
         monkeypatch.setenv(native.ENV, env)
-        c = stat(bits, block)
+        c = make()
         p = c.compress(x)
         out[path] = (p, c.decompress(p), c)
     return out
@@ -42,7 +46,7 @@ def test_native_and_torch_paths_agree(bits: int, block: int, monkeypatch: pytest
     n = 7 * block + block // 3 + 1
     x = torch.randn(n, generator=g) * (torch.rand(n, generator=g) * 3 + 0.1) + 0.5
     x[::13] *= 30
-    r = both_paths(monkeypatch, bits, block, x)
+    r = both_paths(monkeypatch, lambda: stat(bits, block), x)
     (pn, yn, _), (pt, yt, _) = r["native"], r["torch"]
     cn, ct = unpack_bits(pn.codes, bits, n), unpack_bits(pt.codes, bits, n)
     assert (cn != ct).float().mean() < 1e-3  # summation order may move a value on a bin edge
@@ -57,7 +61,7 @@ def test_native_and_torch_paths_agree(bits: int, block: int, monkeypatch: pytest
 def test_payloads_decode_alike_on_either_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank with the kernels and a rank without them must read each other's payloads."""
     x = torch.randn(5000)
-    r = both_paths(monkeypatch, 2, 256, x)
+    r = both_paths(monkeypatch, lambda: stat(2, 256), x)
     p_native, c_torch = r["native"][0], r["torch"][2]
     monkeypatch.setenv(native.ENV, "0")
     assert torch.equal(c_torch.decompress(p_native), r["native"][1])
@@ -81,7 +85,7 @@ def test_the_threaded_split_gives_the_same_payload(monkeypatch: pytest.MonkeyPat
 def test_blocks_that_share_a_byte_use_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """250-element blocks of 2-bit codes end mid-byte: the kernels would race on those bytes."""
     x = torch.randn(2000)
-    r = both_paths(monkeypatch, 2, 250, x)
+    r = both_paths(monkeypatch, lambda: stat(2, 250), x)
     assert torch.equal(r["native"][0].to_flat_bytes(), r["torch"][0].to_flat_bytes())
 
 
@@ -119,13 +123,8 @@ def test_sparse_selection_agrees_with_the_numpy_path(block: int, frac: float, n:
     inside a chunk differs (ascending here), so the payload bytes may differ."""
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.rand(n, generator=g).add_(0.1)
-    out = {}
-    for path, env in (("native", "1"), ("torch", "0")):
-        monkeypatch.setenv(native.ENV, env)
-        c = make_compressor("sparse", 2, block, frac)
-        p = c.compress(x)
-        out[path] = (p, c.decompress(p))
-    (pn, yn), (pt, yt) = out["native"], out["torch"]
+    r = both_paths(monkeypatch, lambda: make_compressor("sparse", 2, block, frac), x)
+    (pn, yn, _), (pt, yt, _) = r["native"], r["torch"]
     assert pn.nbytes == pt.nbytes
     assert torch.equal(yn != 0, yt != 0)
     torch.testing.assert_close(yn, yt, rtol=2**-7, atol=0.0)  # levels: bf16, summed in another order

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from streaming_muloco import compression, native
+from streaming_muloco import compression
 from streaming_muloco.compression import METHODS, Payload
 from streaming_muloco.compressors import make_compressor
 from streaming_muloco.error_feedback import ErrorFeedback
@@ -14,12 +14,7 @@ from streaming_muloco.quantizers import Blocks
 from streaming_muloco.sparse import SparseQuantizer, _group_size, pack_uints, unpack_uints
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def sparse_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on the fused C selection and on the torch/numpy path."""
-    monkeypatch.setenv(native.ENV, "1" if request.param == "native" else "0")
-    assert (native.library() is not None) == (request.param == "native")
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test: fused C selection and numpy path
 
 
 def sparse(block: int = 4096, frac: float = 0.01, **kw: object) -> SparseQuantizer:
